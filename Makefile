@@ -1,0 +1,34 @@
+# Two commands: `make test` and `make demo`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow and not gpu" tests
+	$(PY) -m pytest --doctest-modules rlx_optax -p no:cacheprovider -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rlx_optax tests benchmarks examples
+	$(VENV)/bin/ruff format --check rlx_optax tests benchmarks examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format rlx_optax tests benchmarks examples
+	$(VENV)/bin/ruff check --fix rlx_optax tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

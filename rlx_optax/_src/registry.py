@@ -1,0 +1,203 @@
+"""The one table of algorithms.
+
+Every other part of the project that needs "all the optimizers" reads `ALGORITHMS`: the
+contract tests, the golden parity tests, the stateful classes, the benchmarks and the demo.
+Adding an algorithm is adding one row here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import optax
+
+from rlx_optax._src.transforms import adam as _adam
+from rlx_optax._src.transforms import lamb as _lamb
+from rlx_optax._src.transforms import lion as _lion
+from rlx_optax._src.transforms import nadamw as _nadamw
+from rlx_optax._src.transforms import qhadamw as _qhadamw
+from rlx_optax._src.transforms import radam as _radam
+from rlx_optax._src.transforms import sgd as _sgd
+
+
+def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One row of the table.
+
+    Attributes:
+      name: the pure factory's name (`rlx_optax.<name>`).
+      factory: the pure factory, ``factory(learning_rate, ...)``.
+      stateful: the name of the seed-API class (the crate's struct name).
+      crate_name: the crate struct's lower-case name (the `optimizer` of the golden files).
+      crate_fields: the crate's public field names mapped to the factory's argument names.
+      crate_defaults: the crate's defaults, by crate field name (the factory defaults agree).
+      matrix: True when rank-2 leaves take a matrix path.
+      contract_lr: a learning rate at which the contract problems converge.
+      contract_kwargs: factory arguments the contract tests add (crate names are not used).
+      update_extra: optional ``fn(params, grads) -> dict`` of extra `update` arguments the
+        algorithm needs in the contract tests (for example a Hessian estimate).
+      needs_params: `update` must be given `params`.
+      golden_tol: tolerance of the golden parity tests (relative to the displacement).
+    """
+
+    name: str
+    factory: Callable[..., optax.GradientTransformationExtraArgs]
+    stateful: str
+    crate_name: str
+    crate_fields: Mapping[str, str]
+    crate_defaults: Mapping[str, Any]
+    matrix: bool = False
+    contract_lr: float = 0.05
+    contract_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    update_extra: Callable[[Any, Any], dict[str, Any]] | None = None
+    needs_params: bool = True
+    golden_tol: float = 1e-5
+
+    def factory_kwargs(self, **crate_hparams: Any) -> dict[str, Any]:
+        """Translate crate field names (as in the golden manifest) to factory arguments."""
+        out = {}
+        for field, value in crate_hparams.items():
+            if field not in self.crate_fields:
+                raise ValueError(
+                    f"{self.stateful} has no field {field!r}; fields: {sorted(self.crate_fields)}"
+                )
+            out[self.crate_fields[field]] = value
+        return out
+
+    def from_crate(self, **crate_hparams: Any) -> optax.GradientTransformationExtraArgs:
+        """Build the pure transform from crate field names, e.g. ``from_crate(lr=0.01, beta1=0.8)``."""
+        return self.factory(**self.factory_kwargs(**crate_hparams))
+
+
+_ADAM_FIELDS = {
+    "lr": "learning_rate",
+    "beta1": "b1",
+    "beta2": "b2",
+    "eps": "eps",
+    "weight_decay": "weight_decay",
+}
+_ADAM_DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+
+ALGORITHMS: tuple[Algorithm, ...] = (
+    Algorithm(
+        name="sgd",
+        factory=_sgd.sgd,
+        stateful="Sgd",
+        crate_name="sgd",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "momentum": "momentum",
+                "nesterov": "nesterov",
+                "weight_decay": "weight_decay",
+            }
+        ),
+        crate_defaults=_frozen({"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}),
+        contract_lr=0.2,
+        contract_kwargs=_frozen({"momentum": 0.5}),
+        needs_params=False,
+    ),
+    Algorithm(
+        name="adam",
+        factory=_adam.adam,
+        stateful="Adam",
+        crate_name="adam",
+        crate_fields=_frozen(_ADAM_FIELDS),
+        crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.0}),
+        needs_params=False,
+    ),
+    Algorithm(
+        name="adamw",
+        factory=_adam.adamw,
+        stateful="AdamW",
+        crate_name="adamw",
+        crate_fields=_frozen(_ADAM_FIELDS),
+        crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.01}),
+    ),
+    Algorithm(
+        name="nadamw",
+        factory=_nadamw.nadamw,
+        stateful="NAdamW",
+        crate_name="nadamw",
+        crate_fields=_frozen(_ADAM_FIELDS),
+        crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.01}),
+    ),
+    Algorithm(
+        name="radam",
+        factory=_radam.radam,
+        stateful="RAdam",
+        crate_name="radam",
+        crate_fields=_frozen(_ADAM_FIELDS),
+        crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.0}),
+        needs_params=False,
+    ),
+    Algorithm(
+        name="qhadamw",
+        factory=_qhadamw.qhadamw,
+        stateful="QHAdamW",
+        crate_name="qhadamw",
+        crate_fields=_frozen({**_ADAM_FIELDS, "nu1": "nu1", "nu2": "nu2"}),
+        crate_defaults=_frozen(
+            {
+                "beta1": 0.995,
+                "beta2": 0.999,
+                "eps": 1e-8,
+                "weight_decay": 0.01,
+                "nu1": 0.7,
+                "nu2": 1.0,
+            }
+        ),
+    ),
+    Algorithm(
+        name="lamb",
+        factory=_lamb.lamb,
+        stateful="Lamb",
+        crate_name="lamb",
+        crate_fields=_frozen({**_ADAM_FIELDS, "bias_correction": "bias_correction"}),
+        crate_defaults=_frozen(
+            {
+                "beta1": 0.9,
+                "beta2": 0.999,
+                "eps": 1e-6,
+                "weight_decay": 0.01,
+                "bias_correction": True,
+            }
+        ),
+        contract_lr=0.02,
+    ),
+    Algorithm(
+        name="lion",
+        factory=_lion.lion,
+        stateful="Lion",
+        crate_name="lion",
+        crate_fields=_frozen(
+            {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "weight_decay": "weight_decay"}
+        ),
+        crate_defaults=_frozen({"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}),
+        contract_lr=0.03,
+    ),
+)
+
+_BY_NAME = {a.name: a for a in ALGORITHMS}
+_BY_CRATE = {a.crate_name: a for a in ALGORITHMS}
+
+
+def get(name: str) -> Algorithm:
+    """The row for a factory name (``"adamw"``) or a crate struct name (``"kronpsgd"``)."""
+    row = _BY_NAME.get(name) or _BY_CRATE.get(name)
+    if row is None:
+        raise ValueError(f"unknown algorithm {name!r}; known: {sorted(_BY_NAME)}")
+    return row
+
+
+def names() -> tuple[str, ...]:
+    """Factory names of every registered algorithm, in table order."""
+    return tuple(a.name for a in ALGORITHMS)

@@ -1,0 +1,184 @@
+"""Adam with L2 decay folded into the gradient, and AdamW with decoupled decay."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx_optax._src import common
+
+
+class AdamState(NamedTuple):
+    """State of `scale_by_adam`."""
+
+    count: jax.Array  # int32, number of `update` calls so far
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescale updates by Adam's bias-corrected moment ratio.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+
+    The arithmetic runs in float32 (or wider) whatever the gradient dtype; `mu` is stored in
+    `mu_dtype` (default: the parameter dtype) and `nu` in the parameter dtype.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root.
+      eps_root: added inside the square root (optax's knob; the crate has none).
+      mu_dtype: dtype of the first moment.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    common.check_beta("b1", b1)
+    common.check_beta("b2", b2)
+    common.check_non_negative("eps", eps)
+    common.check_non_negative("eps_root", eps_root)
+
+    beta1, beta2 = b1, b2
+
+    def init_fn(params):
+        return AdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=common.zeros_like_tree(params, mu_dtype),
+            nu=common.zeros_like_tree(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        bc1 = common.bias_correction(b1, count)
+        bc2 = common.bias_correction(b2, count)
+
+        def leaf(g, m, v):
+            ct = common.compute_dtype(g.dtype)
+            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
+            g32 = g.astype(ct)
+            m = b1 * m.astype(ct) + (1 - b1) * g32
+            v = b2 * v.astype(ct) + (1 - b2) * g32 * g32
+            u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+            return u.astype(g.dtype), m, v
+
+        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
+        mu = optax.tree.cast_like(mu, state.mu)
+        nu = optax.tree.cast_like(nu, state.nu)
+        return u, AdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(
+    learning_rate: common.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam with classical L2 regularisation, as the crate's `Adam`.
+
+    The decay is folded into the gradient before the moments, :math:`\hat g = g + \lambda\theta`
+    (so with `weight_decay > 0` this is *not* AdamW). Defaults are the crate's.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: first-moment decay.
+      b2: second-moment decay.
+      eps: denominator term outside the square root.
+      weight_decay: L2 coefficient :math:`\lambda` folded into the gradient.
+      eps_root: denominator term inside the square root.
+      mu_dtype: dtype of the first moment.
+      mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rlx_optax
+      >>> tx = rlx_optax.adam(0.1)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, state, params)
+      >>> [round(float(x), 4) for x in optax.apply_updates(params, updates)["w"]]
+      [0.9, 1.1, 0.9]
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, https://arxiv.org/abs/1412.6980
+    """
+    return common.alias(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+        learning_rate,
+        weight_decay,
+        mask,
+        decay="l2",
+    )
+
+
+def adamw(
+    learning_rate: common.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW: Adam with decoupled weight decay multiplied by the learning rate.
+
+    .. math::
+        \theta \leftarrow \theta - \eta\,\big(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta\big)
+
+    Same rule as `optax.adamw` and PyTorch's AdamW, but with the crate's default
+    `weight_decay=0.01` (optax defaults to 1e-4).
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: first-moment decay.
+      b2: second-moment decay.
+      eps: denominator term outside the square root.
+      weight_decay: decoupled decay coefficient.
+      eps_root: denominator term inside the square root.
+      mu_dtype: dtype of the first moment.
+      mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, rlx_optax
+      >>> tx = rlx_optax.adamw(1e-2, weight_decay=0.1)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> round(float(optax.apply_updates(params, updates)["w"][0, 0]), 4)
+      0.989
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*,
+      https://arxiv.org/abs/1711.05101
+    """
+    return common.alias(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype), learning_rate, weight_decay, mask
+    )

@@ -1,0 +1,135 @@
+"""QHAdamW: quasi-hyperbolic Adam with decoupled weight decay."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx_optax._src import common
+
+
+class QHAdamWState(NamedTuple):
+    """State of `scale_by_qhadam`."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_qhadam(
+    b1: float = 0.995,
+    b2: float = 0.999,
+    nu1: float = 0.7,
+    nu2: float = 1.0,
+    eps: float = 1e-8,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Quasi-hyperbolic Adam direction.
+
+    .. math::
+        u_t = \frac{(1-\nu_1) g_t + \nu_1 \hat m_t}{\sqrt{(1-\nu_2) g_t^2 + \nu_2 \hat v_t} + \epsilon}
+
+    with the bias-corrected Adam moments :math:`\hat m_t, \hat v_t` (the reference folds the
+    correction into the averaging weights, which is the same number). ``nu1 = nu2 = 1`` is Adam.
+
+    Args:
+      b1: first-moment decay (crate default 0.995, the paper's recommendation).
+      b2: second-moment decay.
+      nu1: weight of the momentum in the numerator, in [0, 1].
+      nu2: weight of the second moment in the denominator, in [0, 1].
+      eps: denominator term outside the square root.
+      mu_dtype: dtype of the first moment.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    common.check_beta("b1", b1)
+    common.check_beta("b2", b2)
+    common.check_range("nu1", nu1, 0.0, 1.0)
+    common.check_range("nu2", nu2, 0.0, 1.0)
+    common.check_non_negative("eps", eps)
+
+    beta1, beta2 = b1, b2
+
+    def init_fn(params):
+        return QHAdamWState(
+            count=jnp.zeros([], jnp.int32),
+            mu=common.zeros_like_tree(params, mu_dtype),
+            nu=common.zeros_like_tree(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        bc1 = common.bias_correction(b1, count)
+        bc2 = common.bias_correction(b2, count)
+
+        def leaf(g, m, v):
+            ct = common.compute_dtype(g.dtype)
+            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
+            g32 = g.astype(ct)
+            g2 = g32 * g32
+            m = b1 * m.astype(ct) + (1 - b1) * g32
+            v = b2 * v.astype(ct) + (1 - b2) * g2
+            num = (1 - nu1) * g32 + nu1 * (m / bc1)
+            den = jnp.sqrt((1 - nu2) * g2 + nu2 * (v / bc2)) + eps
+            return (num / den).astype(g.dtype), m, v
+
+        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
+        return u, QHAdamWState(
+            count=count,
+            mu=optax.tree.cast_like(mu, state.mu),
+            nu=optax.tree.cast_like(nu, state.nu),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def qhadamw(
+    learning_rate: common.ScalarOrSchedule,
+    b1: float = 0.995,
+    b2: float = 0.999,
+    nu1: float = 0.7,
+    nu2: float = 1.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    mu_dtype: Any = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""QHAdamW, as the crate's `QHAdamW` and qhoptim's `QHAdamW`.
+
+    Decoupled decay multiplied by the learning rate. Defaults are the crate's (the paper's
+    recommended betas (0.995, 0.999) and nus (0.7, 1.0)); qhoptim's own defaults are Adam's.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: first-moment decay.
+      b2: second-moment decay.
+      nu1: numerator interpolation.
+      nu2: denominator interpolation.
+      eps: denominator term outside the square root.
+      weight_decay: decoupled decay coefficient.
+      mu_dtype: dtype of the first moment.
+      mask: pytree (or callable) of booleans selecting the leaves decayed.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp, rlx_optax
+      >>> tx = rlx_optax.qhadamw(0.1, nu1=1.0, nu2=1.0, weight_decay=0.0)  # = Adam
+      >>> state = tx.init(jnp.zeros(2))
+      >>> tx.update(jnp.array([3.0, -0.5]), state)[0]
+      Array([-0.1,  0.1], dtype=float32)
+
+    References:
+      Ma & Yarats, *Quasi-hyperbolic momentum and Adam for deep learning*,
+      https://arxiv.org/abs/1810.06801
+    """
+    return common.alias(
+        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype), learning_rate, weight_decay, mask
+    )
