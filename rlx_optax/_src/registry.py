@@ -72,7 +72,7 @@ class Algorithm:
         return out
 
     def from_crate(self, **crate_hparams: Any) -> optax.GradientTransformationExtraArgs:
-        """Build the pure transform from crate field names, e.g. ``from_crate(lr=0.01, beta1=0.8)``."""
+        """The pure transform from crate field names: ``from_crate(lr=0.01, beta1=0.8)``."""
         return self.factory(**self.factory_kwargs(**crate_hparams))
 
 

@@ -135,7 +135,7 @@ def lamb(
 ) -> optax.GradientTransformationExtraArgs:
     r"""LAMB, as the crate's `Lamb` and TF-Addons' reference.
 
-    :math:`\theta \leftarrow \theta - \eta\,\phi_t\,(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta)`
+    :math:`\theta \leftarrow \theta - \eta\phi_t(\hat m/(\sqrt{\hat v}+\epsilon)+\lambda\theta)`
     with the per-leaf trust ratio :math:`\phi_t = \lVert\theta\rVert/\lVert\cdot\rVert` (each
     pytree leaf is a "layer"). `mask` selects the leaves that are decayed; `trust_ratio_mask`
     the leaves that are layer-adapted (default: all, as the crate and `optax.lamb`).

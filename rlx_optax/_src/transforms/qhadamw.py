@@ -30,7 +30,8 @@ def scale_by_qhadam(
     r"""Quasi-hyperbolic Adam direction.
 
     .. math::
-        u_t = \frac{(1-\nu_1) g_t + \nu_1 \hat m_t}{\sqrt{(1-\nu_2) g_t^2 + \nu_2 \hat v_t} + \epsilon}
+        u_t = \frac{(1-\nu_1) g_t + \nu_1 \hat m_t}
+                   {\sqrt{(1-\nu_2) g_t^2 + \nu_2 \hat v_t} + \epsilon}
 
     with the bias-corrected Adam moments :math:`\hat m_t, \hat v_t` (the reference folds the
     correction into the averaging weights, which is the same number). ``nu1 = nu2 = 1`` is Adam.
