@@ -26,14 +26,19 @@ def l2_norm(tree: Any, *, skip_nonfinite: bool = False) -> jax.Array:
       ...                   skip_nonfinite=True)
       Array(5., dtype=float32)
     """
-    total = jnp.zeros([], jnp.float32)
+    xs = []
     for x in jax.tree.leaves(tree):
-        x = jnp.asarray(x).astype(common.compute_dtype(jnp.asarray(x).dtype))
-        sq = x * x
-        if skip_nonfinite:
-            sq = jnp.where(jnp.isfinite(x), sq, 0.0)
-        total = total + jnp.sum(sq).astype(jnp.float32)
-    return jnp.sqrt(total)
+        x = jnp.asarray(x)
+        x = x.astype(common.compute_dtype(x.dtype))
+        xs.append(jnp.where(jnp.isfinite(x), x, 0.0) if skip_nonfinite else x)
+    if not xs:
+        return jnp.zeros([], jnp.float32)
+    # Scale by the largest magnitude first: squares of 1e-20 underflow in float32 (the crate
+    # accumulates in float64), and squares of 1e20 overflow.
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs]))
+    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    total = sum(jnp.sum(jnp.square(x / safe)) for x in xs)
+    return (safe * jnp.sqrt(total)).astype(jnp.float32)
 
 
 def global_grad_clip_scale(
@@ -42,8 +47,8 @@ def global_grad_clip_scale(
     r"""The factor that scales `grads` to global norm at most `max_norm` (the crate's helper).
 
     Returns :math:`\min(\text{max\_norm}/\lVert g\rVert, 1)`, and 1 for a zero gradient. With a
-    non-finite norm the factor is NaN (so the problem shows) unless ``skip_nonfinite=True``,
-    which follows the crate and measures only the finite entries.
+    non-finite norm (a NaN or Inf anywhere) the factor is NaN, so the problem shows, unless
+    ``skip_nonfinite=True``, which follows the crate and measures only the finite entries.
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
@@ -52,7 +57,8 @@ def global_grad_clip_scale(
     """
     common.check_range("max_norm", max_norm, 0.0, low_open=True)
     norm = l2_norm(grads, skip_nonfinite=skip_nonfinite)
-    return jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+    factor = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return jnp.where(jnp.isfinite(norm), factor, jnp.nan)
 
 
 def clip_grad_norm(grads: Any, max_norm: float, *, eps: float = 0.0) -> tuple[Any, jax.Array]:
