@@ -5,6 +5,10 @@ crate computes; arguments switch to the authors' reference behaviour.
 """
 
 from rlx_optax._src import registry as registry
+from rlx_optax._src.schedules import CosineAnnealingLR as CosineAnnealingLR
+from rlx_optax._src.schedules import EpochScheduler as EpochScheduler
+from rlx_optax._src.schedules import StepLR as StepLR
+from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
 from rlx_optax._src.transforms.adam import AdamState as AdamState
 from rlx_optax._src.transforms.adam import adam as adam
 from rlx_optax._src.transforms.adam import adamw as adamw
@@ -37,15 +41,48 @@ from rlx_optax._src.transforms.sgd import sgd as sgd
 
 __version__ = "0.1.0"
 
+# Names whose modules need an optional extra (flax: `rlx_optax[flax]`, grain and array-record:
+# `rlx_optax[data]`) are imported on first use, so `import rlx_optax` works without them. They
+# are left out of __all__ so that `from rlx_optax import *` never needs the extras.
+_LAZY = {
+    "Trainer": ("rlx_optax._src.trainer", "flax"),
+    "DataLoader": ("rlx_optax._src.data", "data"),
+    "RecordWriter": ("rlx_optax._src.data", "data"),
+    "RecordDataset": ("rlx_optax._src.data", "data"),
+    "RecordFileError": ("rlx_optax._src.data", "data"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'rlx_optax' has no attribute {name!r}")
+    import importlib
+
+    module, extra = _LAZY[name]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as err:
+        raise ImportError(
+            f"rlx_optax.{name} needs the optional extra: pip install 'rlx_optax[{extra}]' ({err})"
+        ) from err
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
     "AdamState",
     "ClipByGlobalNormState",
+    "CosineAnnealingLR",
+    "EpochScheduler",
     "LambState",
     "LionState",
     "NAdamWState",
     "QHAdamWState",
     "RAdamState",
     "SgdState",
+    "StepLR",
     "adam",
     "adamw",
     "clip_by_global_norm_logged",
@@ -65,5 +102,6 @@ __all__ = [
     "scale_by_qhadam",
     "scale_by_radam",
     "scale_by_sgd",
+    "set_learning_rate",
     "sgd",
 ]

@@ -64,8 +64,9 @@ def global_grad_clip_scale(
 def clip_grad_norm(grads: Any, max_norm: float, *, eps: float = 0.0) -> tuple[Any, jax.Array]:
     r"""Clip `grads` to global norm `max_norm`; return ``(clipped, norm_before)``.
 
-    The factor is :math:`c = \text{max\_norm}/(\lVert g\rVert + \epsilon)`, applied when
-    :math:`c < 1`. The default ``eps=0`` is `optax.clip_by_global_norm`'s rule;
+    The factor is :math:`c = \text{max\_norm}/(\lVert g\rVert + \epsilon)`, applied unless
+    :math:`c \ge 1` (so a NaN norm makes every leaf NaN and an infinite one zeroes the finite
+    entries, as in RUMUS and optax). The default ``eps=0`` is `optax.clip_by_global_norm`'s rule;
     ``eps=1e-6`` is RUMUS's `clip_grad_norm_` (which also clips at exactly `max_norm`). The
     returned norm is always the pre-clip one, for logging. Works under `jax.jit`.
 
@@ -79,7 +80,9 @@ def clip_grad_norm(grads: Any, max_norm: float, *, eps: float = 0.0) -> tuple[An
     common.check_non_negative("eps", eps)
     norm = l2_norm(grads)
     factor = max_norm / (norm + eps)
-    clip = factor < 1.0
+    # "not >= 1" rather than "< 1": a NaN norm must propagate into every leaf (as in RUMUS
+    # and optax), never leave the other leaves looking healthy.
+    clip = ~(factor >= 1.0)
     clipped = common.tree_map_none(
         lambda g: jnp.where(clip, g * factor.astype(g.dtype), g).astype(g.dtype), grads
     )
@@ -119,6 +122,6 @@ def clip_by_global_norm_logged(
     def update_fn(updates, state, params=None):
         del params, state
         clipped, norm = clip_grad_norm(updates, max_norm, eps=eps)
-        return clipped, ClipByGlobalNormState(norm=norm, clipped=max_norm / (norm + eps) < 1.0)
+        return clipped, ClipByGlobalNormState(norm=norm, clipped=~(max_norm / (norm + eps) >= 1.0))
 
     return optax.GradientTransformation(init_fn, update_fn)
