@@ -20,6 +20,11 @@ from rlx_optax._src.transforms.clipping import (
 from rlx_optax._src.transforms.clipping import clip_grad_norm as clip_grad_norm
 from rlx_optax._src.transforms.clipping import global_grad_clip_scale as global_grad_clip_scale
 from rlx_optax._src.transforms.clipping import l2_norm as l2_norm
+from rlx_optax._src.transforms.hessian import constant_hessian_diag as constant_hessian_diag
+from rlx_optax._src.transforms.hessian import (
+    gauss_newton_bartlett_diag as gauss_newton_bartlett_diag,
+)
+from rlx_optax._src.transforms.hessian import hutchinson_diag as hutchinson_diag
 from rlx_optax._src.transforms.lamb import LambState as LambState
 from rlx_optax._src.transforms.lamb import lamb as lamb
 from rlx_optax._src.transforms.lamb import scale_by_lamb as scale_by_lamb
@@ -38,6 +43,10 @@ from rlx_optax._src.transforms.radam import scale_by_radam as scale_by_radam
 from rlx_optax._src.transforms.sgd import SgdState as SgdState
 from rlx_optax._src.transforms.sgd import scale_by_sgd as scale_by_sgd
 from rlx_optax._src.transforms.sgd import sgd as sgd
+from rlx_optax._src.transforms.sophia import SophiaState as SophiaState
+from rlx_optax._src.transforms.sophia import scale_by_sophia as scale_by_sophia
+from rlx_optax._src.transforms.sophia import sophia as sophia
+from rlx_optax._src.transforms.sophia import sophia_update_hessian as sophia_update_hessian
 
 __version__ = "0.1.0"
 
@@ -82,12 +91,16 @@ __all__ = [
     "QHAdamWState",
     "RAdamState",
     "SgdState",
+    "SophiaState",
     "StepLR",
     "adam",
     "adamw",
     "clip_by_global_norm_logged",
     "clip_grad_norm",
+    "constant_hessian_diag",
+    "gauss_newton_bartlett_diag",
     "global_grad_clip_scale",
+    "hutchinson_diag",
     "l2_norm",
     "lamb",
     "lion",
@@ -102,6 +115,9 @@ __all__ = [
     "scale_by_qhadam",
     "scale_by_radam",
     "scale_by_sgd",
+    "scale_by_sophia",
     "set_learning_rate",
     "sgd",
+    "sophia",
+    "sophia_update_hessian",
 ]

@@ -15,12 +15,14 @@ from typing import Any
 import optax
 
 from rlx_optax._src.transforms import adam as _adam
+from rlx_optax._src.transforms import hessian as _hessian
 from rlx_optax._src.transforms import lamb as _lamb
 from rlx_optax._src.transforms import lion as _lion
 from rlx_optax._src.transforms import nadamw as _nadamw
 from rlx_optax._src.transforms import qhadamw as _qhadamw
 from rlx_optax._src.transforms import radam as _radam
 from rlx_optax._src.transforms import sgd as _sgd
+from rlx_optax._src.transforms import sophia as _sophia
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -183,6 +185,36 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         ),
         crate_defaults=_frozen({"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}),
         contract_lr=0.03,
+    ),
+    Algorithm(
+        name="sophia",
+        factory=_sophia.sophia,
+        stateful="Sophia",
+        crate_name="sophia",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "beta1": "b1",
+                "beta2": "b2",
+                "gamma": "gamma",
+                "rho": "rho",
+                "eps": "eps",
+                "weight_decay": "weight_decay",
+            }
+        ),
+        crate_defaults=_frozen(
+            {
+                "beta1": 0.965,
+                "beta2": 0.99,
+                "gamma": 0.01,
+                "rho": 0.04,
+                "eps": 1e-12,
+                "weight_decay": 0.1,
+            }
+        ),
+        contract_lr=0.1,
+        contract_kwargs=_frozen({"gamma": 0.1, "rho": 1.0, "weight_decay": 0.0}),
+        update_extra=lambda params, grads: {"hessian_diag": _hessian.constant_hessian_diag(params)},
     ),
 )
 
