@@ -5,10 +5,13 @@ crate computes; arguments switch to the authors' reference behaviour.
 """
 
 from rlx_optax._src import registry as registry
+from rlx_optax._src import stateful as _stateful
+from rlx_optax._src.linalg.newton_schulz import newton_schulz as newton_schulz
 from rlx_optax._src.schedules import CosineAnnealingLR as CosineAnnealingLR
 from rlx_optax._src.schedules import EpochScheduler as EpochScheduler
 from rlx_optax._src.schedules import StepLR as StepLR
 from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
+from rlx_optax._src.stateful import Optimizer as Optimizer
 from rlx_optax._src.transforms.adam import AdamState as AdamState
 from rlx_optax._src.transforms.adam import adam as adam
 from rlx_optax._src.transforms.adam import adamw as adamw
@@ -31,6 +34,9 @@ from rlx_optax._src.transforms.lamb import scale_by_lamb as scale_by_lamb
 from rlx_optax._src.transforms.lion import LionState as LionState
 from rlx_optax._src.transforms.lion import lion as lion
 from rlx_optax._src.transforms.lion import scale_by_lion as scale_by_lion
+from rlx_optax._src.transforms.muon import MuonState as MuonState
+from rlx_optax._src.transforms.muon import muon as muon
+from rlx_optax._src.transforms.muon import scale_by_muon as scale_by_muon
 from rlx_optax._src.transforms.nadamw import NAdamWState as NAdamWState
 from rlx_optax._src.transforms.nadamw import nadamw as nadamw
 from rlx_optax._src.transforms.nadamw import scale_by_nadamw as scale_by_nadamw
@@ -43,6 +49,9 @@ from rlx_optax._src.transforms.radam import scale_by_radam as scale_by_radam
 from rlx_optax._src.transforms.sgd import SgdState as SgdState
 from rlx_optax._src.transforms.sgd import scale_by_sgd as scale_by_sgd
 from rlx_optax._src.transforms.sgd import sgd as sgd
+from rlx_optax._src.transforms.soap import SoapState as SoapState
+from rlx_optax._src.transforms.soap import scale_by_soap as scale_by_soap
+from rlx_optax._src.transforms.soap import soap as soap
 from rlx_optax._src.transforms.sophia import SophiaState as SophiaState
 from rlx_optax._src.transforms.sophia import scale_by_sophia as scale_by_sophia
 from rlx_optax._src.transforms.sophia import sophia as sophia
@@ -87,10 +96,12 @@ __all__ = [
     "EpochScheduler",
     "LambState",
     "LionState",
+    "MuonState",
     "NAdamWState",
     "QHAdamWState",
     "RAdamState",
     "SgdState",
+    "SoapState",
     "SophiaState",
     "StepLR",
     "adam",
@@ -104,20 +115,29 @@ __all__ = [
     "l2_norm",
     "lamb",
     "lion",
+    "muon",
     "nadamw",
+    "newton_schulz",
     "qhadamw",
     "radam",
     "registry",
     "scale_by_adam",
     "scale_by_lamb",
     "scale_by_lion",
+    "scale_by_muon",
     "scale_by_nadamw",
     "scale_by_qhadam",
     "scale_by_radam",
     "scale_by_sgd",
+    "scale_by_soap",
     "scale_by_sophia",
     "set_learning_rate",
     "sgd",
+    "soap",
     "sophia",
     "sophia_update_hessian",
 ]
+
+# The crate-style classes (Sgd, AdamW, Muon, ...): one per registered algorithm, generated.
+globals().update(_stateful.CLASSES)
+__all__ += ["Optimizer", *_stateful.CLASSES]

@@ -18,10 +18,12 @@ from rlx_optax._src.transforms import adam as _adam
 from rlx_optax._src.transforms import hessian as _hessian
 from rlx_optax._src.transforms import lamb as _lamb
 from rlx_optax._src.transforms import lion as _lion
+from rlx_optax._src.transforms import muon as _muon
 from rlx_optax._src.transforms import nadamw as _nadamw
 from rlx_optax._src.transforms import qhadamw as _qhadamw
 from rlx_optax._src.transforms import radam as _radam
 from rlx_optax._src.transforms import sgd as _sgd
+from rlx_optax._src.transforms import soap as _soap
 from rlx_optax._src.transforms import sophia as _sophia
 
 
@@ -215,6 +217,67 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         contract_lr=0.1,
         contract_kwargs=_frozen({"gamma": 0.1, "rho": 1.0, "weight_decay": 0.0}),
         update_extra=lambda params, grads: {"hessian_diag": _hessian.constant_hessian_diag(params)},
+    ),
+    Algorithm(
+        name="muon",
+        factory=_muon.muon,
+        stateful="Muon",
+        crate_name="muon",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "momentum": "momentum",
+                "nesterov": "nesterov",
+                "weight_decay": "weight_decay",
+                "ns_steps": "ns_steps",
+                "ns_coeffs": "ns_coeffs",
+            }
+        ),
+        crate_defaults=_frozen(
+            {
+                "momentum": 0.95,
+                "nesterov": True,
+                "weight_decay": 0.0,
+                "ns_steps": 5,
+                "ns_coeffs": (3.4445, -4.7750, 2.0315),
+            }
+        ),
+        matrix=True,
+        contract_lr=0.02,
+        needs_params=False,
+        golden_tol=1e-4,
+    ),
+    Algorithm(
+        name="soap",
+        factory=_soap.soap,
+        stateful="Soap",
+        crate_name="soap",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "beta1": "b1",
+                "beta2": "b2",
+                "shampoo_beta": "shampoo_beta",
+                "eps": "eps",
+                "weight_decay": "weight_decay",
+                "precond_freq": "precond_freq",
+                "jacobi_sweeps": "jacobi_sweeps",
+            }
+        ),
+        crate_defaults=_frozen(
+            {
+                "beta1": 0.95,
+                "beta2": 0.95,
+                "shampoo_beta": 0.95,
+                "eps": 1e-8,
+                "weight_decay": 0.01,
+                "precond_freq": 10,
+                "jacobi_sweeps": 30,
+            }
+        ),
+        matrix=True,
+        contract_lr=0.05,
+        golden_tol=1e-4,
     ),
 )
 

@@ -1,0 +1,296 @@
+"""Muon: momentum orthogonalised by Newton-Schulz on matrices, SGD-momentum (or AdamW) elsewhere."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx_optax._src import common
+from rlx_optax._src.linalg import DEFAULT_NS_COEFFS, newton_schulz
+from rlx_optax._src.transforms import adam as _adam
+
+_SCALES = ("crate", "keller", "moonlight")
+_LAYOUTS = ("in_out", "out_in")
+_MOMENTUM_FORMS = ("sum", "ema")
+_FALLBACKS = ("sgd", "adamw")
+
+
+class MuonState(NamedTuple):
+    """State of `scale_by_muon`."""
+
+    count: jax.Array  # int32, number of `update` calls so far
+    mu: optax.Updates  # momentum buffer, shaped like the parameters
+
+
+def _matrix_shape(shape: tuple[int, ...], layout: str, flatten_conv: bool) -> tuple | None:
+    """The (rows, cols) view Muon orthogonalises, or None for the fallback path."""
+    if len(shape) == 2:
+        return shape
+    if flatten_conv and len(shape) >= 3:
+        if layout == "in_out":  # Flax conv kernel (..., in, out): fan-in is everything but out
+            return (math.prod(shape[:-1]), shape[-1])
+        return (shape[0], math.prod(shape[1:]))  # PyTorch (out, in, ...)
+    return None
+
+
+def _shape_scale(shape_scale: str | Callable, rows: int, cols: int, layout: str) -> float:
+    if callable(shape_scale):
+        return float(shape_scale(rows, cols))
+    if shape_scale == "crate":
+        return math.sqrt(max(rows, cols))
+    if shape_scale == "moonlight":
+        return 0.2 * math.sqrt(max(rows, cols))
+    fan_in, fan_out = (rows, cols) if layout == "in_out" else (cols, rows)
+    return math.sqrt(max(1.0, fan_out / fan_in))
+
+
+def scale_by_muon(
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
+    *,
+    shape_scale: str | Callable[[int, int], float] = "crate",
+    layout: str = "in_out",
+    momentum_form: str = "sum",
+    flatten_conv: bool = False,
+    eps: float = 1e-12,
+    mu_dtype: Any = None,
+    ns_dtype: Any = None,
+    precision: Any = None,
+) -> optax.GradientTransformation:
+    r"""Muon's update direction.
+
+    For every leaf, with :math:`\mu` the momentum,
+
+    .. math::
+        m_t = \mu m_{t-1} + g_t,\qquad
+        d_t = g_t + \mu m_t \ \text{(Nesterov)}\quad\text{or}\quad d_t = m_t ;
+
+    a matrix leaf of shape (R, C) returns :math:`s\,\mathrm{NS}(d_t)` (`newton_schulz`, the
+    approximate polar factor) with :math:`s = \sqrt{\max(R, C)}`; every other leaf returns
+    :math:`d_t` (SGD momentum). These are the crate's rules; the arguments below switch to
+    the reference conventions.
+
+    Args:
+      momentum: :math:`\mu` in [0, 1).
+      nesterov: use :math:`g_t + \mu m_t` (or its EMA form) instead of :math:`m_t`.
+      ns_steps: Newton-Schulz iterations.
+      ns_coeffs: (a, b, c) or one (a, b, c) row per iteration (see `newton_schulz`).
+      shape_scale: ``"crate"`` :math:`\sqrt{\max(R,C)}` (update RMS about 1);
+        ``"keller"`` :math:`\sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}` (Keller Jordan's
+        reference and optax.contrib.muon, read with `layout`); ``"moonlight"``
+        :math:`0.2\sqrt{\max(R,C)}` (matches AdamW's update RMS); or a callable
+        ``(rows, cols) -> float``.
+      layout: which axis is the output for ``"keller"`` and for flattened conv kernels:
+        ``"in_out"`` (Flax/optax kernels, ``y = x @ W``) or ``"out_in"`` (PyTorch weights).
+      momentum_form: ``"sum"`` (crate, torch.optim.Muon: :math:`m = \mu m + g`, Nesterov
+        :math:`g + \mu m`) or ``"ema"`` (Keller's reference: :math:`m = \mu m + (1-\mu) g`,
+        Nesterov :math:`(1-\mu) g + \mu m`). Newton-Schulz removes the factor
+        :math:`1-\mu` on matrices; it changes the step of fallback leaves.
+      flatten_conv: orthogonalise leaves of rank >= 3 as matrices (``(-1, out)`` for
+        ``"in_out"``, ``(out, -1)`` for ``"out_in"``) instead of the fallback (the crate
+        sends them to the fallback; the reference flattens conv kernels). The shape scale uses
+        the flattened shape.
+      eps: floor of the Frobenius norm in Newton-Schulz.
+      mu_dtype: dtype of the momentum (default: the parameter dtype).
+      ns_dtype: dtype of the Newton-Schulz iteration (default float32; ``jnp.bfloat16``
+        follows the reference's cast).
+      precision: `jax.lax.Precision` of the Newton-Schulz products.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    common.check_beta("momentum", momentum)
+    common.check_non_negative("eps", eps)
+    common.check_range("ns_steps", ns_steps, 0)
+    if not callable(shape_scale):
+        common.check_choice("shape_scale", shape_scale, _SCALES)
+    common.check_choice("layout", layout, _LAYOUTS)
+    common.check_choice("momentum_form", momentum_form, _MOMENTUM_FORMS)
+
+    mu_value = momentum
+
+    def init_fn(params):
+        return MuonState(
+            count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
+        )
+
+    def leaf(g, m):
+        ct = common.compute_dtype(g.dtype)
+        mu = jnp.asarray(mu_value, ct)
+        g32 = g.astype(ct)
+        if momentum_form == "sum":
+            m = mu * m.astype(ct) + g32
+            d = g32 + mu * m if nesterov else m
+        else:
+            m = mu * m.astype(ct) + (1 - mu) * g32
+            d = (1 - mu) * g32 + mu * m if nesterov else m
+        view = _matrix_shape(g.shape, layout, flatten_conv)
+        if view is not None:
+            o = newton_schulz(
+                d.reshape(view),
+                ns_steps,
+                ns_coeffs,
+                eps=eps,
+                compute_dtype=ns_dtype,
+                precision=precision,
+            )
+            scale = _shape_scale(shape_scale, view[0], view[1], layout)
+            d = (scale * o.astype(ct)).reshape(g.shape)
+        return d.astype(g.dtype), m
+
+    def update_fn(updates, state, params=None):
+        del params
+        u, mu = common.tree_map_multi(leaf, 2, updates, state.mu)
+        mu = optax.tree.cast_like(mu, state.mu)
+        return u, MuonState(count=optax.safe_increment(state.count), mu=mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def muon(
+    learning_rate: common.ScalarOrSchedule,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    *,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
+    shape_scale: str | Callable[[int, int], float] = "crate",
+    layout: str = "in_out",
+    momentum_form: str = "sum",
+    flatten_conv: bool = False,
+    fallback: str = "sgd",
+    adam_leaves: Any = None,
+    adam_learning_rate: common.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    eps: float = 1e-12,
+    mu_dtype: Any = None,
+    ns_dtype: Any = None,
+    precision: Any = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Muon, as the crate's `Muon`, with switches to Keller Jordan's reference.
+
+    .. math::
+        \theta \leftarrow \theta - \eta\,\big(s\,\mathrm{NS}(d_t) + \lambda\theta\big)
+        \ \text{(matrices)},\qquad
+        \theta \leftarrow \theta - \eta\,(d_t + \lambda\theta)\ \text{(other leaves)}
+
+    with :math:`d_t` the (Nesterov) SGD momentum of `scale_by_muon`, :math:`s =
+    \sqrt{\max(R,C)}` and decoupled decay multiplied by the learning rate on both paths.
+    Defaults are the crate's: momentum 0.95, Nesterov, 5 quintic Newton-Schulz steps, no decay.
+    Rows are the first axis of a leaf; a leaf is a matrix when its rank is 2.
+
+    Crate -> reference: ``shape_scale="keller"`` with ``layout`` (Flax kernels are
+    ``(in, out)``, the default; PyTorch weights ``"out_in"``), ``momentum_form="ema"``,
+    ``flatten_conv=True``, and ``fallback="adamw"`` (non-matrix leaves to AdamW with
+    Keller's auxiliary Adam defaults b1 0.9, b2 0.95, eps 1e-10). `adam_leaves` sends chosen
+    leaves (embeddings, output heads) to AdamW whatever their rank, through `optax.partition`.
+    ``shape_scale="moonlight"`` is Moonlight's :math:`0.2\sqrt{\max(R,C)}`.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      momentum: :math:`\mu` in [0, 1).
+      nesterov: Nesterov momentum.
+      weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+      ns_steps: Newton-Schulz iterations (crate name `ns_steps`).
+      ns_coeffs: Newton-Schulz coefficients (crate name `ns_coeffs`), or a per-iteration
+        schedule of rows.
+      shape_scale: ``"crate"``, ``"keller"``, ``"moonlight"`` or ``(rows, cols) -> float``.
+      layout: ``"in_out"`` or ``"out_in"`` (see `scale_by_muon`).
+      momentum_form: ``"sum"`` (crate) or ``"ema"`` (reference).
+      flatten_conv: orthogonalise rank >= 3 leaves as matrices.
+      fallback: ``"sgd"`` (crate: SGD momentum for non-matrix leaves) or ``"adamw"``.
+      adam_leaves: pytree of booleans (or a callable of the params returning one) marking
+        leaves sent to AdamW, whatever `fallback` is.
+      adam_learning_rate: AdamW's rate (default: `learning_rate`).
+      adam_b1: AdamW's first-moment decay.
+      adam_b2: AdamW's second-moment decay.
+      adam_eps: AdamW's epsilon.
+      adam_weight_decay: AdamW's decoupled decay.
+      eps: floor of the Frobenius norm in Newton-Schulz.
+      mu_dtype: dtype of the momentum.
+      ns_dtype: dtype of the Newton-Schulz iteration (default float32).
+      precision: `jax.lax.Precision` of the Newton-Schulz products.
+      mask: pytree (or callable) of booleans selecting the leaves decayed (Muon branch).
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp, rlx_optax
+      >>> tx = rlx_optax.muon(0.02)
+      >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
+      >>> updates, state = tx.update(grads, state)
+      >>> round(float(updates["b"][0]), 4)  # SGD momentum: -lr * (1 + 0.95)
+      -0.039
+      >>> # -lr * sqrt(max(4, 2)) * NS(g): the quintic maps g's one singular value to 0.70
+      >>> round(float(jnp.linalg.norm(updates["w"], ord=2)) / (0.02 * 2.0), 2)
+      0.7
+
+    References:
+      Jordan et al., *Muon: An optimizer for hidden layers in neural networks* (2024),
+      https://kellerjordan.github.io/posts/muon/ ;
+      Liu et al., *Muon is Scalable for LLM Training* (Moonlight),
+      https://arxiv.org/abs/2502.16982
+    """
+    common.check_choice("fallback", fallback, _FALLBACKS)
+    if adam_learning_rate is not None:
+        common.check_learning_rate(adam_learning_rate, "adam_learning_rate")
+    common.check_beta("adam_b1", adam_b1)
+    common.check_beta("adam_b2", adam_b2)
+    common.check_non_negative("adam_eps", adam_eps)
+    common.check_non_negative("adam_weight_decay", adam_weight_decay)
+    scale = scale_by_muon(
+        momentum,
+        nesterov,
+        ns_steps,
+        ns_coeffs,
+        shape_scale=shape_scale,
+        layout=layout,
+        momentum_form=momentum_form,
+        flatten_conv=flatten_conv,
+        eps=eps,
+        mu_dtype=mu_dtype,
+        ns_dtype=ns_dtype,
+        precision=precision,
+    )
+    muon_tx = common.alias(scale, learning_rate, weight_decay, mask)
+    if fallback == "sgd" and adam_leaves is None:
+        return muon_tx
+
+    adam_tx = _adam.adamw(
+        learning_rate if adam_learning_rate is None else adam_learning_rate,
+        adam_b1,
+        adam_b2,
+        adam_eps,
+        adam_weight_decay,
+        mu_dtype=mu_dtype,
+    )
+
+    def labels(params):
+        chosen = adam_leaves(params) if callable(adam_leaves) else adam_leaves
+        if chosen is None:
+            chosen = jax.tree.map(lambda _: False, params)
+
+        def label(p, to_adam):
+            matrix = _matrix_shape(p.shape, layout, flatten_conv) is not None
+            if to_adam or (fallback == "adamw" and not matrix):
+                return "adam"
+            return "muon"
+
+        return jax.tree.map(label, params, chosen)
+
+    return optax.partition({"muon": muon_tx, "adam": adam_tx}, labels)
