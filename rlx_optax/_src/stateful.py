@@ -87,7 +87,7 @@ class _Compiled:
         self.counted = row.crate_name in _COUNTED
         self.first_sight = _FIRST_SIGHT.get(row.crate_name, ())
         self.traces = 0
-        self.init = jax.jit(self.tx.init)
+        self.init = self.tx.init  # once per name: eager is cheaper than compiling
         self.step = jax.jit(self._traced_step, donate_argnums=0, static_argnames="fresh")
         self.batch = jax.jit(self._batch, donate_argnums=0, static_argnames="fresh")
 
