@@ -34,6 +34,9 @@ from rlx_optax._src.transforms.lamb import scale_by_lamb as scale_by_lamb
 from rlx_optax._src.transforms.lion import LionState as LionState
 from rlx_optax._src.transforms.lion import lion as lion
 from rlx_optax._src.transforms.lion import scale_by_lion as scale_by_lion
+from rlx_optax._src.transforms.mars import MarsState as MarsState
+from rlx_optax._src.transforms.mars import mars as mars
+from rlx_optax._src.transforms.mars import scale_by_mars as scale_by_mars
 from rlx_optax._src.transforms.muon import MuonState as MuonState
 from rlx_optax._src.transforms.muon import muon as muon
 from rlx_optax._src.transforms.muon import scale_by_muon as scale_by_muon
@@ -96,6 +99,7 @@ __all__ = [
     "EpochScheduler",
     "LambState",
     "LionState",
+    "MarsState",
     "MuonState",
     "NAdamWState",
     "QHAdamWState",
@@ -115,6 +119,7 @@ __all__ = [
     "l2_norm",
     "lamb",
     "lion",
+    "mars",
     "muon",
     "nadamw",
     "newton_schulz",
@@ -124,6 +129,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_lamb",
     "scale_by_lion",
+    "scale_by_mars",
     "scale_by_muon",
     "scale_by_nadamw",
     "scale_by_qhadam",

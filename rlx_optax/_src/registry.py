@@ -18,6 +18,7 @@ from rlx_optax._src.transforms import adam as _adam
 from rlx_optax._src.transforms import hessian as _hessian
 from rlx_optax._src.transforms import lamb as _lamb
 from rlx_optax._src.transforms import lion as _lion
+from rlx_optax._src.transforms import mars as _mars
 from rlx_optax._src.transforms import muon as _muon
 from rlx_optax._src.transforms import nadamw as _nadamw
 from rlx_optax._src.transforms import qhadamw as _qhadamw
@@ -278,6 +279,34 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         matrix=True,
         contract_lr=0.05,
         golden_tol=1e-4,
+    ),
+    Algorithm(
+        name="mars",
+        factory=_mars.mars,
+        stateful="Mars",
+        crate_name="mars",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "beta1": "b1",
+                "beta2": "b2",
+                "eps": "eps",
+                "weight_decay": "weight_decay",
+                "gamma": "gamma",
+                "clip_c": "clip_c",
+            }
+        ),
+        crate_defaults=_frozen(
+            {
+                "beta1": 0.95,
+                "beta2": 0.99,
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "gamma": 0.025,
+                "clip_c": True,
+            }
+        ),
+        needs_params=False,
     ),
 )
 

@@ -1,0 +1,309 @@
+"""MARS: a variance-reduced gradient (a scaled correction by the previous gradient) fed to AdamW.
+
+The crate's `Mars` is MARS-AdamW, approximate variant: the control variate is the previous
+step's gradient, starting at zero. Arguments switch to the reference's exact variant, its Lion
+and Shampoo-style (Newton-Schulz) updates, and its AdamW routing of non-matrix leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx_optax._src import common
+from rlx_optax._src.linalg.newton_schulz import DEFAULT_NS_COEFFS, newton_schulz
+
+_VARIANTS = ("adamw", "lion", "shampoo")
+_NON_MATRIX = ("mars", "adamw")
+
+
+class MarsState(NamedTuple):
+    """State of `scale_by_mars`.
+
+    ``nu`` holds `None` for leaves whose update needs no second moment (the Lion variant, the
+    matrices of the Shampoo variant); ``prev_grad`` holds `None` for leaves that take no
+    correction and everywhere in the exact variant (the previous gradient is an argument).
+    """
+
+    count: jax.Array  # int32, number of `update` calls so far
+    mu: optax.Updates
+    nu: optax.Updates
+    prev_grad: optax.Updates
+
+
+def _is_skipped(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _like_updates(updates: Any, extra: Any, name: str) -> Any:
+    """`extra` re-shaped to the structure of `updates`, leaves skipped where `updates` skips.
+
+    `optax.masked` and `optax.partition` forward extra arguments unmasked, so `extra` may hold
+    arrays where `updates` holds `optax.MaskedNode`.
+    """
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_skipped)
+    try:
+        others = treedef.flatten_up_to(extra)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} must have the structure of the gradients: {e}") from e
+    return treedef.unflatten(
+        [leaf if _is_skipped(leaf) else other for leaf, other in zip(leaves, others, strict=True)]
+    )
+
+
+def _corrected_gradient(g, prev, *, b1, gamma, clip_c, ct):
+    r""":math:`c = g + \gamma\beta_1/(1-\beta_1)(g - g_{prev})`, clipped to unit L2 norm."""
+    g = g.astype(ct)
+    beta1 = jnp.asarray(b1, ct)
+    k = jnp.asarray(gamma, ct) * beta1 / (1 - beta1)
+    c = g + k * (g - prev.astype(ct))
+    if clip_c:
+        norm_sq = jnp.sum(c * c)
+        c = jnp.where(norm_sq > 1, c * jax.lax.rsqrt(jnp.where(norm_sq > 1, norm_sq, 1.0)), c)
+    return c
+
+
+def scale_by_mars(
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    gamma: float = 0.025,
+    clip_c: bool = True,
+    *,
+    variant: str = "adamw",
+    exact: bool = False,
+    non_matrix: str = "mars",
+    adamw_b1: float = 0.9,
+    adamw_b2: float = 0.95,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""MARS's variance-reduced direction (no learning rate, no decay).
+
+    .. math::
+        c_t = g_t + \gamma\frac{\beta_1}{1-\beta_1}(g_t - g_{t-1}),\qquad
+        c_t \leftarrow c_t / \lVert c_t\rVert_2 \ \text{ if }\ \lVert c_t\rVert_2 > 1,
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) c_t,\qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) c_t^2,\qquad
+        u_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+
+    The norm is per leaf (per tensor, as in the crate and the reference). In the approximate
+    variant (the crate's) :math:`g_{t-1}` is the previous call's gradient, zero at the first
+    step, so the first step uses :math:`c_1 = (1 + \gamma\beta_1/(1-\beta_1))\,g_1`. With
+    ``gamma=0`` and ``clip_c=False`` this is exactly Adam.
+
+    Variants (``variant=``): ``"adamw"`` (above); ``"lion"``, :math:`u_t =
+    \operatorname{sign}(m_t)`; ``"shampoo"``, for rank-2 leaves
+    :math:`u_t = \operatorname{NS}(m_t/(1-\beta_1))\sqrt{\max(1, \text{rows}/\text{cols})}`
+    with the project's `newton_schulz` (rows = first axis), other leaves the ``"adamw"``
+    direction.
+
+    Args:
+      b1: momentum decay, in [0, 1); also sets the correction scale.
+      b2: second-moment decay, in [0, 1).
+      eps: added to the denominator outside the square root.
+      gamma: scale of the gradient correction (0 turns MARS off).
+      clip_c: clip the corrected gradient of each leaf to unit L2 norm.
+      variant: ``"adamw"`` (the crate), ``"lion"`` or ``"shampoo"`` (the reference's
+        ``mars_type``).
+      exact: MARS-exact: the control variate is the gradient at the *previous parameters on
+        the current batch*, passed as ``update(..., previous_grads=...)`` (a pytree like the
+        gradients; at the first step pass the gradients themselves). Nothing is stored.
+      non_matrix: ``"mars"`` (the crate: every leaf takes the MARS update) or ``"adamw"``
+        (the reference's default ``optimize_1d=False``: leaves that are not rank 2 take plain
+        AdamW on the raw gradient with betas `adamw_b1`, `adamw_b2`; the reference also gives
+        them their own learning rate and decay, which `optax.partition` expresses).
+      adamw_b1: first-moment decay of the non-matrix AdamW path (reference 0.9).
+      adamw_b2: second-moment decay of the non-matrix AdamW path (reference 0.95).
+      ns_steps: Newton-Schulz iterations of the Shampoo variant.
+      ns_coeffs: Newton-Schulz coefficients of the Shampoo variant (see `newton_schulz`).
+      mu_dtype: dtype of the first moment (default: the parameter dtype).
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; `update` accepts ``previous_grads=``.
+    """
+    common.check_beta("b1", b1)
+    common.check_beta("b2", b2)
+    common.check_non_negative("eps", eps)
+    common.check_non_negative("gamma", gamma)
+    common.check_choice("variant", variant, _VARIANTS)
+    common.check_choice("non_matrix", non_matrix, _NON_MATRIX)
+    common.check_beta("adamw_b1", adamw_b1)
+    common.check_beta("adamw_b2", adamw_b2)
+    clip_c, exact = bool(clip_c), bool(exact)
+
+    def takes_mars(p) -> bool:
+        return non_matrix == "mars" or p.ndim == 2
+
+    def needs_nu(p) -> bool:
+        if not takes_mars(p):
+            return True
+        return variant == "adamw" or (variant == "shampoo" and p.ndim != 2)
+
+    def init_fn(params):
+        def leaf_or_none(pred, dtype=None):
+            return jax.tree.map(
+                lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype) if pred(p) else None, params
+            )
+
+        return MarsState(
+            count=jnp.zeros([], jnp.int32),
+            mu=common.zeros_like_tree(params, mu_dtype),
+            nu=leaf_or_none(needs_nu),
+            prev_grad=leaf_or_none(lambda p: not exact and takes_mars(p)),
+        )
+
+    def update_fn(updates, state, params=None, *, previous_grads=None, **_):
+        del params
+        if exact:
+            if previous_grads is None:
+                raise ValueError(
+                    "scale_by_mars(exact=True) needs update(..., previous_grads=...): the "
+                    "gradient at the previous parameters on the current batch"
+                )
+            control = _like_updates(updates, previous_grads, "previous_grads")
+        else:
+            control = state.prev_grad
+        count = optax.safe_increment(state.count)
+        bc1 = common.bias_correction(b1, count)
+        bc2 = common.bias_correction(b2, count)
+        bc1_1d = common.bias_correction(adamw_b1, count)
+        bc2_1d = common.bias_correction(adamw_b2, count)
+
+        def adam_direction(x, m, v, beta1, beta2, c1, c2, ct):
+            beta1, beta2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
+            m = beta1 * m.astype(ct) + (1 - beta1) * x
+            v = beta2 * v.astype(ct) + (1 - beta2) * x * x
+            return (m / c1) / (jnp.sqrt(v / c2) + jnp.asarray(eps, ct)), m, v
+
+        def leaf(g, m, v, prev):
+            ct = common.compute_dtype(g.dtype)
+            if not takes_mars(g):  # the reference's AdamW for non-matrix leaves
+                u, m, v = adam_direction(g.astype(ct), m, v, adamw_b1, adamw_b2, bc1_1d, bc2_1d, ct)
+                return u.astype(g.dtype), m, v, prev
+            c = _corrected_gradient(g, prev, b1=b1, gamma=gamma, clip_c=clip_c, ct=ct)
+            new_prev = None if exact else g.astype(prev.dtype)
+            if variant == "adamw" or (variant == "shampoo" and g.ndim != 2):
+                u, m, v = adam_direction(c, m, v, b1, b2, bc1, bc2, ct)
+                return u.astype(g.dtype), m, v, new_prev
+            beta1 = jnp.asarray(b1, ct)
+            m = beta1 * m.astype(ct) + (1 - beta1) * c
+            if variant == "lion":
+                u = jnp.sign(m)
+            else:
+                rows, cols = g.shape
+                u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs)
+                u = u * max(1.0, rows / cols) ** 0.5
+            return u.astype(g.dtype), m, v, new_prev
+
+        u, mu, nu, prev = common.tree_map_multi(leaf, 4, updates, state.mu, state.nu, control)
+        return u, MarsState(
+            count=count,
+            mu=optax.tree.cast_like(mu, state.mu),
+            nu=optax.tree.cast_like(nu, state.nu),
+            prev_grad=state.prev_grad if exact else prev,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mars(
+    learning_rate: common.ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    gamma: float = 0.025,
+    clip_c: bool = True,
+    *,
+    variant: str = "adamw",
+    exact: bool = False,
+    non_matrix: str = "mars",
+    adamw_b1: float = 0.9,
+    adamw_b2: float = 0.95,
+    ns_steps: int = 5,
+    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
+    mu_dtype: Any = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""MARS-AdamW as the crate's `Mars`: `scale_by_mars` -> decoupled decay -> rate.
+
+    .. math::
+        \theta \leftarrow \theta - \eta\Big(\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+        + \lambda\theta\Big)
+
+    with the moments taken of the clipped, corrected gradient :math:`c_t` (see
+    `scale_by_mars`). Defaults are the crate's (:math:`\beta_1` 0.95, :math:`\beta_2` 0.99,
+    :math:`\epsilon` 1e-8, :math:`\lambda` 0, :math:`\gamma` 0.025, `clip_c` on).
+
+    Crate versus reference (arguments that switch):
+
+    - control variate: crate MARS-approx (previous step's gradient, zero at the start);
+      MARS-exact (gradient at the previous parameters on the current batch):
+      ``exact=True`` and ``update(..., previous_grads=...)``;
+    - update rule: crate AdamW; the reference's ``mars_type``: ``variant="lion"`` or
+      ``variant="shampoo"`` (Newton-Schulz on rank-2 leaves);
+    - leaves that are not rank 2: crate MARS everywhere; reference plain AdamW with betas
+      (0.9, 0.95): ``non_matrix="adamw"``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: first-moment decay.
+      b2: second-moment decay.
+      eps: denominator term outside the square root.
+      weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+      gamma: scale of the gradient correction.
+      clip_c: clip the corrected gradient of each leaf to unit norm.
+      variant: ``"adamw"``, ``"lion"`` or ``"shampoo"``.
+      exact: MARS-exact (needs ``previous_grads=`` in `update`).
+      non_matrix: ``"mars"`` or ``"adamw"`` for leaves that are not rank 2.
+      adamw_b1: first-moment decay of the non-matrix AdamW path.
+      adamw_b2: second-moment decay of the non-matrix AdamW path.
+      ns_steps: Newton-Schulz iterations of the Shampoo variant.
+      ns_coeffs: Newton-Schulz coefficients of the Shampoo variant.
+      mu_dtype: dtype of the first moment.
+      mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, rlx_optax
+      >>> tx = rlx_optax.mars(1e-2)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.full((2, 2), 0.1)}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> round(float(optax.apply_updates(params, updates)["w"][0, 0]), 4)
+      0.99
+
+    References:
+      Yuan, Liu, Wu, Zhou & Gu, *MARS: Unleashing the Power of Variance Reduction for
+      Training Large Models*, https://arxiv.org/abs/2411.10438
+    """
+    return common.alias(
+        scale_by_mars(
+            b1,
+            b2,
+            eps,
+            gamma,
+            clip_c,
+            variant=variant,
+            exact=exact,
+            non_matrix=non_matrix,
+            adamw_b1=adamw_b1,
+            adamw_b2=adamw_b2,
+            ns_steps=ns_steps,
+            ns_coeffs=ns_coeffs,
+            mu_dtype=mu_dtype,
+        ),
+        learning_rate,
+        weight_decay,
+        mask,
+    )
