@@ -12,6 +12,12 @@ from rlx_optax._src.schedules import EpochScheduler as EpochScheduler
 from rlx_optax._src.schedules import StepLR as StepLR
 from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
 from rlx_optax._src.stateful import Optimizer as Optimizer
+from rlx_optax._src.transforms.adafactor import AdafactorState as AdafactorState
+from rlx_optax._src.transforms.adafactor import adafactor as adafactor
+from rlx_optax._src.transforms.adafactor import scale_by_adafactor as scale_by_adafactor
+from rlx_optax._src.transforms.adafactor import (
+    scale_by_adafactor_step_size as scale_by_adafactor_step_size,
+)
 from rlx_optax._src.transforms.adam import AdamState as AdamState
 from rlx_optax._src.transforms.adam import adam as adam
 from rlx_optax._src.transforms.adam import adamw as adamw
@@ -93,6 +99,7 @@ def __dir__():
 
 
 __all__ = [
+    "AdafactorState",
     "AdamState",
     "ClipByGlobalNormState",
     "CosineAnnealingLR",
@@ -108,6 +115,7 @@ __all__ = [
     "SoapState",
     "SophiaState",
     "StepLR",
+    "adafactor",
     "adam",
     "adamw",
     "clip_by_global_norm_logged",
@@ -126,6 +134,8 @@ __all__ = [
     "qhadamw",
     "radam",
     "registry",
+    "scale_by_adafactor",
+    "scale_by_adafactor_step_size",
     "scale_by_adam",
     "scale_by_lamb",
     "scale_by_lion",

@@ -14,6 +14,7 @@ from typing import Any
 
 import optax
 
+from rlx_optax._src.transforms import adafactor as _adafactor
 from rlx_optax._src.transforms import adam as _adam
 from rlx_optax._src.transforms import hessian as _hessian
 from rlx_optax._src.transforms import lamb as _lamb
@@ -278,7 +279,40 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         ),
         matrix=True,
         contract_lr=0.05,
+        # SOAP's basis inside a degenerate eigenspace is arbitrary (any eigensolver): the
+        # contract's (8, 6) leaf has a rank-deficient 8x8 left statistic, so two roundings of
+        # one computation (chain, MultiSteps) pick different bases there, and the crate's first
+        # step turns the rounding noise of a diagonal rotated gradient into +-1 entries. The
+        # contract rotates only the full-rank right side (see tests/test_soap.py).
+        contract_kwargs=_frozen({"max_precond_dim": 6}),
         golden_tol=1e-4,
+    ),
+    Algorithm(
+        name="adafactor",
+        factory=_adafactor.adafactor,
+        stateful="Adafactor",
+        crate_name="adafactor",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "beta2_decay": "beta2_decay",
+                "eps1": "eps",
+                "eps2": "eps_scale",
+                "clip_threshold": "clipping_threshold",
+                "weight_decay": "weight_decay",
+            }
+        ),
+        crate_defaults=_frozen(
+            {
+                "lr": None,
+                "beta2_decay": -0.8,
+                "eps1": 1e-30,
+                "eps2": 1e-3,
+                "clip_threshold": 1.0,
+                "weight_decay": 0.0,
+            }
+        ),
+        contract_lr=0.05,
     ),
     Algorithm(
         name="mars",

@@ -1,0 +1,339 @@
+"""Adafactor: factored second moments, update clipping and a relative step size."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx_optax._src import common
+from rlx_optax._src.linalg import factored_second_moment, reconstruct_second_moment
+
+_FACTORED = ("rank2", "last_two", "none")
+_CLIPPING_RULES = ("crate", "paper")
+_NORMALIZATIONS = ("sum", "mean")
+
+
+class AdafactorState(NamedTuple):
+    """State of `scale_by_adafactor`.
+
+    A factored leaf of shape (..., R, C) keeps `v_row` (..., R) and `v_col` (..., C) and a
+    zero-size `v`; any other leaf keeps the full `v` and zero-size `v_row`/`v_col`. Which one a
+    leaf uses is read from these shapes in `update`, so no integer hyperparameter is needed
+    there (`optax.inject_hyperparams` works without static arguments). Statistics are float32
+    (float64 for float64 parameters).
+    """
+
+    count: jax.Array
+    v_row: optax.Updates
+    v_col: optax.Updates
+    v: optax.Updates
+    mu: optax.Updates | None  # EMA of the clipped update, when momentum is used
+
+
+def _static_int(name: str, value: Any) -> int:
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name} must be a concrete integer when the state is created")
+    return int(value)
+
+
+def _is_factored(shape: tuple[int, ...], factored: str, min_dim: int) -> bool:
+    if factored == "none" or len(shape) < 2:
+        return False
+    if factored == "rank2" and len(shape) != 2:
+        return False
+    return min(shape[-2], shape[-1]) >= min_dim
+
+
+def scale_by_adafactor(
+    beta2_decay: float = -0.8,
+    eps: float = 1e-30,
+    clipping_threshold: float = 1.0,
+    *,
+    factored: str = "rank2",
+    min_dim_size_to_factor: int = 1,
+    factored_normalization: str = "sum",
+    clipping_rule: str = "crate",
+    momentum: float | None = None,
+) -> optax.GradientTransformation:
+    r"""Adafactor's clipped, second-moment-normalised direction (no step size, no decay).
+
+    With :math:`t` the 1-based step, :math:`\hat\beta_{2,t} = 1 - t^{\text{beta2\_decay}}`
+    (0 at the first step) and :math:`\hat g^2 = g^2 + \epsilon_1`:
+
+    .. math::
+        r_t = \hat\beta_{2,t} r_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_j \hat g^2,\quad
+        c_t = \hat\beta_{2,t} c_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_i \hat g^2,\quad
+        \hat V = \frac{r_t c_t^\top}{\max(\textstyle\sum_k r_{t,k}, \epsilon_1)}
+
+    for factored leaves (the full EMA :math:`v_t` of :math:`\hat g^2` otherwise), then
+    :math:`u = g / \max(\sqrt{\hat V}, \sqrt{\epsilon_1})` and update clipping
+    :math:`u \leftarrow u / \max(1, \mathrm{RMS}(u)\cdot d)` with :math:`d` the threshold.
+    These are the crate's rules; the keyword arguments switch to the reference's.
+
+    Args:
+      beta2_decay: exponent of the second-moment decay schedule (crate and HF sign: -0.8;
+        optax's ``decay_rate=0.8``), in (-inf, 0].
+      eps: :math:`\epsilon_1`, added to :math:`g^2`.
+      clipping_threshold: :math:`d`, the update-clipping threshold (> 0).
+      factored: ``"rank2"`` (crate: only rank-2 leaves), ``"last_two"`` (reference, HF and
+        t2t: the last two axes of every leaf of rank >= 2) or ``"none"``.
+      min_dim_size_to_factor: factor only when both factored axes are at least this long
+        (the crate has no minimum: 1; optax uses 128).
+      factored_normalization: ``"sum"`` (crate: divide :math:`r c^\top` by the sum of the row
+        means) or ``"mean"`` (paper: by their mean, exact for rank-1 :math:`\hat g^2`).
+      clipping_rule: ``"crate"`` (:math:`\max(1, \mathrm{RMS}\cdot d)`) or ``"paper"``
+        (:math:`\max(1, \mathrm{RMS}/d)`); identical for :math:`d = 1`.
+      momentum: :math:`\beta_1` of an EMA of the clipped update (None: no first moment, the
+        crate's behaviour), in [0, 1).
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    common.check_range("beta2_decay", beta2_decay, None, 0.0)
+    common.check_non_negative("eps", eps)
+    common.check_range("clipping_threshold", clipping_threshold, 0.0, low_open=True)
+    common.check_choice("factored", factored, _FACTORED)
+    common.check_choice("factored_normalization", factored_normalization, _NORMALIZATIONS)
+    common.check_choice("clipping_rule", clipping_rule, _CLIPPING_RULES)
+    if momentum is not None:
+        common.check_beta("momentum", momentum)
+    common.check_range("min_dim_size_to_factor", min_dim_size_to_factor, 1)
+
+    def init_fn(params):
+        min_dim = _static_int("min_dim_size_to_factor", min_dim_size_to_factor)
+
+        def leaf(p):
+            dt = common.compute_dtype(p.dtype)
+            empty = jnp.zeros((0,), dt)
+            if _is_factored(p.shape, factored, min_dim):
+                return (
+                    jnp.zeros(p.shape[:-1], dt),
+                    jnp.zeros(p.shape[:-2] + p.shape[-1:], dt),
+                    empty,
+                )
+            return empty, empty, jnp.zeros(p.shape, dt)
+
+        v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
+        mu = None if momentum is None else common.zeros_like_tree(params, jnp.float32)
+        return AdafactorState(jnp.zeros([], jnp.int32), v_row, v_col, v, mu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, v_row, v_col, v, m=None):
+            ct = common.compute_dtype(g.dtype)
+            beta2 = 1 - count.astype(ct) ** jnp.asarray(beta2_decay, ct)
+            e1 = jnp.asarray(eps, ct)
+            g32 = g.astype(ct)
+            g2 = g32 * g32 + e1
+            if v.shape != g.shape:  # factored (see AdafactorState)
+                row, col = factored_second_moment(g2)
+                v_row = beta2 * v_row + (1 - beta2) * row
+                v_col = beta2 * v_col + (1 - beta2) * col
+                v_hat = reconstruct_second_moment(
+                    v_row, v_col, normalization=factored_normalization, eps=e1
+                )
+            else:
+                v = beta2 * v + (1 - beta2) * g2
+                v_hat = v
+            u = g32 / jnp.maximum(jnp.sqrt(v_hat), jnp.sqrt(e1))
+            rms = jnp.sqrt(jnp.mean(u * u))
+            d = jnp.asarray(clipping_threshold, ct)
+            u = u / jnp.maximum(1.0, rms * d if clipping_rule == "crate" else rms / d)
+            if m is not None:
+                b1 = jnp.asarray(momentum, ct)
+                m = b1 * m.astype(ct) + (1 - b1) * u
+                u = m
+            return u.astype(g.dtype), v_row, v_col, v, m
+
+        if state.mu is None:
+            out = common.tree_map_multi(
+                lambda *a: leaf(*a)[:4], 4, updates, state.v_row, state.v_col, state.v
+            )
+            mu = None
+        else:
+            *out, mu = common.tree_map_multi(
+                leaf, 5, updates, state.v_row, state.v_col, state.v, state.mu
+            )
+            mu = optax.tree.cast_like(mu, state.mu)
+        u, v_row, v_col, v = out
+        v_row = optax.tree.cast_like(v_row, state.v_row)
+        v_col = optax.tree.cast_like(v_col, state.v_col)
+        v = optax.tree.cast_like(v, state.v)
+        return u, AdafactorState(count, v_row, v_col, v, mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByStepSizeState(NamedTuple):
+    """State of `scale_by_adafactor_step_size`."""
+
+    count: jax.Array
+    schedule: optax.OptState  # state of `optax.scale_by_learning_rate`, or EmptyState
+
+
+def scale_by_adafactor_step_size(
+    learning_rate: common.ScalarOrSchedule | None = None,
+    *,
+    eps_scale: float = 1e-3,
+    max_relative_step: float = 1e-2,
+    multiply_by_parameter_scale: bool | None = None,
+) -> optax.GradientTransformation:
+    r"""Multiply updates by :math:`-\alpha_t`, Adafactor's step size.
+
+    With `learning_rate` None, the relative step
+    :math:`\alpha_t = \min(\text{max\_relative\_step}, 1/\sqrt t)\cdot
+    \max(\epsilon_2, \mathrm{RMS}(\theta))`; otherwise the given rate (or schedule), times
+    :math:`\max(\epsilon_2, \mathrm{RMS}(\theta))` when `multiply_by_parameter_scale`.
+    :math:`\mathrm{RMS}(\theta)` is taken per leaf, before the update.
+
+    Args:
+      learning_rate: None (relative step) or a float or schedule.
+      eps_scale: :math:`\epsilon_2`, the floor of the parameter scale.
+      max_relative_step: the cap of the relative step.
+      multiply_by_parameter_scale: scale by the parameter RMS; None means "only with the
+        relative step" (the crate; HF's default mode is relative step with parameter scale).
+
+    Returns:
+      An `optax.GradientTransformation`; `update` needs `params` when the parameter scale is
+      used.
+    """
+    common.check_non_negative("eps_scale", eps_scale)
+    common.check_non_negative("max_relative_step", max_relative_step)
+    if learning_rate is not None:
+        common.check_learning_rate(learning_rate)
+    param_scale = (
+        learning_rate is None
+        if multiply_by_parameter_scale is None
+        else bool(multiply_by_parameter_scale)
+    )
+    rate = None if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+
+    def init_fn(params):
+        inner = rate.init(params) if rate is not None else common.EmptyState()
+        return ScaleByStepSizeState(jnp.zeros([], jnp.int32), inner)
+
+    def update_fn(updates, state, params=None):
+        count = optax.safe_increment(state.count)
+        inner = state.schedule
+        if rate is not None:
+            updates, inner = rate.update(updates, inner, params)
+        else:
+            t = count.astype(jnp.float32)
+            step = jnp.minimum(jnp.asarray(max_relative_step, jnp.float32), jax.lax.rsqrt(t))
+            updates = common.tree_map_none(lambda u: (-step * u).astype(u.dtype), updates)
+        if param_scale:
+            if params is None:
+                raise ValueError("Adafactor's parameter scale needs params: update(g, s, params)")
+
+            def scale(u, p):
+                ct = common.compute_dtype(p.dtype)
+                p32 = p.astype(ct)
+                rms = jnp.sqrt(jnp.mean(p32 * p32)) if p.size else jnp.zeros([], ct)
+                return (u.astype(ct) * jnp.maximum(jnp.asarray(eps_scale, ct), rms)).astype(u.dtype)
+
+            updates = common.tree_map_none(scale, updates, params)
+        return updates, ScaleByStepSizeState(count, inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adafactor(
+    learning_rate: common.ScalarOrSchedule | None = None,
+    beta2_decay: float = -0.8,
+    eps: float = 1e-30,
+    eps_scale: float = 1e-3,
+    clipping_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    *,
+    factored: str = "rank2",
+    min_dim_size_to_factor: int = 1,
+    factored_normalization: str = "sum",
+    clipping_rule: str = "crate",
+    momentum: float | None = None,
+    multiply_by_parameter_scale: bool | None = None,
+    mask: common.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adafactor, as the crate's `Adafactor`, with switches to Shazeer & Stern's reference.
+
+    .. math::
+        \theta \leftarrow \theta - \alpha_t\,(u_t + \lambda\theta)
+
+    with :math:`u_t` the clipped direction of `scale_by_adafactor` and :math:`\alpha_t` the
+    step of `scale_by_adafactor_step_size`: the relative step
+    :math:`\min(10^{-2}, 1/\sqrt t)\max(\epsilon_2, \mathrm{RMS}(\theta))` when
+    `learning_rate` is None (the crate's default), else the given rate. The decay is
+    multiplied by :math:`\alpha_t` (also the relative step), unlike optax's adafactor, whose
+    decay is not multiplied by the rate.
+
+    Defaults are the crate's: factored second moment for rank-2 leaves only, the full second
+    moment for every other rank, no first moment, clipping :math:`\max(1, \mathrm{RMS}\cdot d)`,
+    :math:`\hat V` normalised by the *sum* of the row means. Crate -> reference:
+    ``factored="last_two"`` (factor the last two axes of n-D leaves),
+    ``min_dim_size_to_factor``, ``momentum``, ``clipping_rule="paper"``,
+    ``factored_normalization="mean"``, ``multiply_by_parameter_scale=True`` (HF's
+    ``scale_parameter`` with a manual rate). Hyperparameters are all traceable, so
+    ``optax.inject_hyperparams(adafactor)`` needs no static arguments (optax's adafactor
+    does, optax issue 412).
+
+    Args:
+      learning_rate: None (relative step size) or a float or optax schedule.
+      beta2_decay: exponent of :math:`\hat\beta_{2,t} = 1 - t^{\text{beta2\_decay}}` (crate
+        field `beta2_decay`).
+      eps: :math:`\epsilon_1` added to :math:`g^2` (crate field `eps1`).
+      eps_scale: :math:`\epsilon_2`, floor of the parameter RMS (crate field `eps2`).
+      clipping_threshold: :math:`d` (crate field `clip_threshold`).
+      weight_decay: :math:`\lambda`, decoupled, multiplied by :math:`\alpha_t`.
+      factored: ``"rank2"``, ``"last_two"`` or ``"none"`` (see `scale_by_adafactor`).
+      min_dim_size_to_factor: minimum length of both factored axes.
+      factored_normalization: ``"sum"`` (crate) or ``"mean"`` (paper).
+      clipping_rule: ``"crate"`` or ``"paper"``.
+      momentum: :math:`\beta_1` of an EMA of the clipped update (None: none).
+      multiply_by_parameter_scale: None (only with the relative step), True or False.
+      mask: pytree (or callable) of booleans selecting the leaves decayed.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rlx_optax
+      >>> tx = rlx_optax.adafactor()  # relative step size
+      >>> params = {"w": jnp.full((2, 3), 0.5), "b": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.ones((2, 3)), "b": jnp.array([1.0, -1.0, 1.0])}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> # first step: alpha = min(1e-2, 1) * max(1e-3, RMS(theta)); u = sign(g) for b,
+      >>> # and for w the factored u (RMS sqrt(2)) is clipped to RMS 1
+      >>> [round(float(x), 6) for x in updates["b"]]
+      [-1e-05, 1e-05, -1e-05]
+      >>> round(float(updates["w"][0, 0]), 6)
+      -0.005
+
+    References:
+      Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost*,
+      https://arxiv.org/abs/1804.04235
+    """
+    if learning_rate is not None:
+        common.check_learning_rate(learning_rate)
+    return optax.chain(
+        scale_by_adafactor(
+            beta2_decay,
+            eps,
+            clipping_threshold,
+            factored=factored,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            factored_normalization=factored_normalization,
+            clipping_rule=clipping_rule,
+            momentum=momentum,
+        ),
+        common.add_decayed_weights(weight_decay, mask),
+        scale_by_adafactor_step_size(
+            learning_rate,
+            eps_scale=eps_scale,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+        ),
+    )
