@@ -1,0 +1,160 @@
+"""Eigenbasis, QR refresh, axis products and triangular factors against float64 NumPy oracles."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlx_optax._src import linalg
+
+
+def _spd(n, seed, spread=3.0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.exp(np.linspace(spread, -spread, n))
+    return (q * lam) @ q.T, lam
+
+
+def _upper(n, seed):
+    rng = np.random.default_rng(seed)
+    q = np.triu(rng.normal(size=(n, n)) * 0.3) + np.eye(n) * 2.0
+    return q
+
+
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_eigenbasis_diagonalises_sorted(n):
+    s, lam = _spd(n, n)
+    q = np.asarray(linalg.symmetric_eigenbasis(jnp.asarray(s, jnp.float32)), np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(n), atol=1e-5)
+    d = q.T @ s @ q
+    scale = lam.max()
+    np.testing.assert_allclose(d, np.diag(np.diag(d)), atol=1e-5 * scale)
+    np.testing.assert_allclose(np.diag(d), np.sort(np.linalg.eigvalsh(s))[::-1], atol=1e-5 * scale)
+
+
+def test_eigenbasis_of_zero_is_orthonormal():
+    q = np.asarray(linalg.symmetric_eigenbasis(jnp.zeros((6, 6))))
+    assert np.all(np.isfinite(q))
+    np.testing.assert_allclose(q.T @ q, np.eye(6), atol=1e-6)
+
+
+def test_qr_refresh_is_one_sorted_power_step():
+    n = 8
+    s, _ = _spd(n, 1, spread=1.0)
+    rng = np.random.default_rng(2)
+    q0, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    q_new, order = linalg.qr_refresh(jnp.asarray(s, jnp.float32), jnp.asarray(q0, jnp.float32))
+    expected_order = np.argsort(-np.diag(q0.T @ s @ q0))
+    np.testing.assert_array_equal(np.asarray(order), expected_order)
+    ref, _ = np.linalg.qr(s @ q0[:, expected_order])
+    # QR is unique up to column signs
+    overlap = np.abs(np.sum(np.asarray(q_new, np.float64) * ref, axis=0))
+    np.testing.assert_allclose(overlap, np.ones(n), atol=1e-5)
+
+
+def test_qr_refresh_converges_to_eigenbasis():
+    n = 6
+    s, lam = _spd(n, 3, spread=1.5)
+    q = jnp.eye(n)
+    for _ in range(60):
+        q, _ = linalg.qr_refresh(jnp.asarray(s, jnp.float32), q)
+    d = np.asarray(q, np.float64).T @ s @ np.asarray(q, np.float64)
+    np.testing.assert_allclose(np.diag(d), lam, rtol=1e-4)
+    np.testing.assert_allclose(d - np.diag(np.diag(d)), 0.0, atol=1e-4 * lam.max())
+
+
+def test_qr_refresh_of_zero_is_finite():
+    q, order = linalg.qr_refresh(jnp.zeros((5, 5)), jnp.eye(5))
+    assert np.all(np.isfinite(np.asarray(q)))
+    assert sorted(np.asarray(order).tolist()) == list(range(5))
+
+
+def test_apply_along_axes_matches_einsum():
+    rng = np.random.default_rng(4)
+    x2 = rng.normal(size=(4, 5))
+    a, b = rng.normal(size=(4, 4)), rng.normal(size=(5, 5))
+    f32 = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]  # noqa: E731
+    out = linalg.apply_along_axes(*f32(x2), f32(a, b))
+    np.testing.assert_allclose(out, a @ x2 @ b.T, rtol=1e-5, atol=1e-5)
+    out = linalg.apply_along_axes(*f32(x2), f32(a, b), transpose=True)
+    np.testing.assert_allclose(out, a.T @ x2 @ b, rtol=1e-5, atol=1e-5)
+    x3 = rng.normal(size=(3, 4, 5))
+    c, d = rng.normal(size=(3, 3)), rng.normal(size=(4,))
+    out = linalg.apply_along_axes(jnp.asarray(x3, jnp.float32), [*f32(c, d), None])
+    np.testing.assert_allclose(
+        out, np.einsum("ai,ijk->ajk", c, x3) * d[None, :, None], rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="one matrix per axis"):
+        linalg.apply_along_axes(jnp.ones((2, 2)), [None])
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 4, 5)])
+def test_axis_gram(shape):
+    x = np.random.default_rng(5).normal(size=shape)
+    for axis in range(len(shape)):
+        ref = np.moveaxis(x, axis, 0).reshape(shape[axis], -1)
+        got = linalg.axis_gram(jnp.asarray(x, jnp.float32), axis)
+        np.testing.assert_allclose(got, ref @ ref.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_solve_upper_triangular(left, transpose):
+    n, k = 7, 3
+    q = _upper(n, 6)
+    garbage = q + np.tril(np.full((n, n), 100.0), -1)  # below the diagonal: never read
+    b = np.random.default_rng(7).normal(size=(n, k) if left else (k, n))
+    x = np.asarray(
+        linalg.solve_upper_triangular(
+            jnp.asarray(garbage, jnp.float32),
+            jnp.asarray(b, jnp.float32),
+            left=left,
+            transpose=transpose,
+        ),
+        np.float64,
+    )
+    op = q.T if transpose else q
+    ref = np.linalg.solve(op, b) if left else np.linalg.solve(op.T, b.T).T
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_lie_group_step_keeps_triangular(side):
+    n = 6
+    q = _upper(n, 8)
+    m = np.random.default_rng(9).normal(size=(n, n))
+    got = np.asarray(
+        linalg.lie_group_factor_step(
+            jnp.asarray(q, jnp.float32), jnp.asarray(m, jnp.float32), 0.1, side=side
+        ),
+        np.float64,
+    )
+    ref = q - 0.1 * (q @ np.triu(m) if side == "right" else np.triu(m) @ q)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert np.all(np.tril(got, -1) == 0.0)
+
+
+def test_lie_group_step_diagonal_and_bad_side():
+    q = jnp.asarray([1.0, 2.0, 0.5])
+    m = jnp.asarray([0.5, -1.0, 2.0])
+    np.testing.assert_allclose(linalg.lie_group_factor_step(q, m, 0.1), [0.95, 2.2, 0.4])
+    with pytest.raises(ValueError, match="side"):
+        linalg.lie_group_factor_step(jnp.eye(2), jnp.eye(2), 0.1, side="up")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spectral_norm_lower_bound(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(9, 6)) * rng.uniform(0.1, 10.0, size=(1, 6))
+    true = np.linalg.norm(a, 2)
+    got = float(linalg.spectral_norm_lower_bound(jnp.asarray(a, jnp.float32)))
+    assert got <= true * (1 + 1e-5)
+    assert got >= true / np.sqrt(2)
+    spd, lam = _spd(8, seed)
+    got = float(linalg.spectral_norm_lower_bound(jnp.asarray(spd, jnp.float32)))
+    assert lam.max() / np.sqrt(2) <= got <= lam.max() * (1 + 1e-5)
+
+
+def test_spectral_norm_lower_bound_zero():
+    assert float(linalg.spectral_norm_lower_bound(jnp.zeros((3, 4)))) == 0.0
