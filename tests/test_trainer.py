@@ -158,14 +158,18 @@ def test_fit_applies_the_scheduler_and_reports(capsys):
         seen.append(trainer.lr)  # the rate the epoch just ran at
         return {"eval_loss": float(xent(model, next(iter(loader.iter_epoch(0)))))}
 
-    history = trainer.fit(loader, 5, scheduler=sched, eval_fn=eval_fn)
+    def norm_hook(grads):
+        return grads, {"grad_norm": rlx_optax.l2_norm(grads)}
+
+    history = trainer.fit(loader, 5, scheduler=sched, eval_fn=eval_fn, hook=norm_hook)
+    assert all(h["grad_norm"] > 0 for h in history)
     want = [sched.lr_at(e) for e in range(5)]
     np.testing.assert_allclose([h["lr"] for h in history], want, rtol=1e-15)
     np.testing.assert_allclose(seen, want, rtol=1e-6)  # applied to the optimizer (float32)
     assert [h["epoch"] for h in history] == list(range(5)) and trainer.epoch == 5
     assert sched.epoch == 5 and loader.epoch == 5
     assert history[-1]["loss"] < history[1]["loss"] and "eval_loss" in history[0]
-    assert trainer._compiled[None]._cache_size() == 1  # lr changes never recompiled
+    assert trainer._compiled[norm_hook]._cache_size() == 1  # lr changes never recompile
     err = capsys.readouterr().err
     assert "epoch 4" in err and "loss=" in err and "it/s" in err
 

@@ -96,7 +96,8 @@ class DataLoader:
       seed: shuffle seed.
       worker_type: ``"thread"`` (default, like RUMUS; fine for NumPy and file reads, which
         release the GIL) or ``"process"`` (grain's `mp_prefetch`; the dataset and
-        `collate_fn` must be picklable, and each epoch starts its processes, about 1-3 s).
+        `collate_fn` must be picklable, each epoch starts its processes, about 1-3 s, and a
+        script needs the usual ``if __name__ == "__main__":`` guard).
       collate_fn: list of items -> batch; default `stack_items`.
 
     Each ``iter(loader)`` runs epoch `loader.epoch` and then advances the counter, so a

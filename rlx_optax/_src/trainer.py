@@ -166,9 +166,9 @@ class Trainer:
         Per epoch: apply ``scheduler.get_lr()`` (if given) with `set_lr`, `reset_epoch`, one
         `train_step_with(hook, batch)` per batch of ``iter(loader)`` with a tqdm bar showing
         the running loss, the rate and steps per second, then ``scheduler.step()`` and
-        ``eval_fn(model)``. Records are ``{"epoch", "loss", "lr", **eval_fn(model)}`` with
-        the batch-size-weighted mean loss. `loader` is iterated once per epoch, so a
-        `rlx_optax.DataLoader` reshuffles each time.
+        ``eval_fn(model)``. Records are ``{"epoch", "loss", "lr", **metrics, **eval}``: the
+        batch-size-weighted mean loss, the last step's hook/aux metrics, `eval_fn`'s dict.
+        `loader` is iterated once per epoch, so a `rlx_optax.DataLoader` reshuffles each time.
         """
         from tqdm.auto import tqdm
 
@@ -180,12 +180,14 @@ class Trainer:
             self.reset_epoch()
             total = len(loader) if hasattr(loader, "__len__") else None
             bar = tqdm(total=total, desc=f"epoch {self.epoch}", disable=not progress)
+            metrics: dict[str, Any] = {}
             for i, batch in enumerate(loader):
-                self.train_step_with(hook, batch)
+                _, metrics = self.train_step_with(hook, batch)
                 bar.update()
                 if (i + 1) % self.log_every == 0:
                     bar.set_postfix(loss=f"{self.epoch_avg_loss():.4g}")
             record = {"epoch": self.epoch, "loss": self.epoch_avg_loss()}
+            record.update({k: jax.device_get(v) for k, v in metrics.items()})  # last step's
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             bar.close()
             if scheduler is not None:
