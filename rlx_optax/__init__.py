@@ -34,6 +34,9 @@ from rlx_optax._src.transforms.hessian import (
     gauss_newton_bartlett_diag as gauss_newton_bartlett_diag,
 )
 from rlx_optax._src.transforms.hessian import hutchinson_diag as hutchinson_diag
+from rlx_optax._src.transforms.kron_psgd import KronPsgdState as KronPsgdState
+from rlx_optax._src.transforms.kron_psgd import kron_psgd as kron_psgd
+from rlx_optax._src.transforms.kron_psgd import scale_by_kron_psgd as scale_by_kron_psgd
 from rlx_optax._src.transforms.lamb import LambState as LambState
 from rlx_optax._src.transforms.lamb import lamb as lamb
 from rlx_optax._src.transforms.lamb import scale_by_lamb as scale_by_lamb
@@ -65,6 +68,10 @@ from rlx_optax._src.transforms.sophia import SophiaState as SophiaState
 from rlx_optax._src.transforms.sophia import scale_by_sophia as scale_by_sophia
 from rlx_optax._src.transforms.sophia import sophia as sophia
 from rlx_optax._src.transforms.sophia import sophia_update_hessian as sophia_update_hessian
+from rlx_optax._src.transforms.stiefel import StiefelState as StiefelState
+from rlx_optax._src.transforms.stiefel import retract_stiefel as retract_stiefel
+from rlx_optax._src.transforms.stiefel import scale_by_stiefel as scale_by_stiefel
+from rlx_optax._src.transforms.stiefel import stiefel as stiefel
 
 __version__ = "0.1.0"
 
@@ -104,6 +111,7 @@ __all__ = [
     "ClipByGlobalNormState",
     "CosineAnnealingLR",
     "EpochScheduler",
+    "KronPsgdState",
     "LambState",
     "LionState",
     "MarsState",
@@ -115,6 +123,7 @@ __all__ = [
     "SoapState",
     "SophiaState",
     "StepLR",
+    "StiefelState",
     "adafactor",
     "adam",
     "adamw",
@@ -125,6 +134,7 @@ __all__ = [
     "global_grad_clip_scale",
     "hutchinson_diag",
     "l2_norm",
+    "kron_psgd",
     "lamb",
     "lion",
     "mars",
@@ -134,9 +144,11 @@ __all__ = [
     "qhadamw",
     "radam",
     "registry",
+    "retract_stiefel",
     "scale_by_adafactor",
     "scale_by_adafactor_step_size",
     "scale_by_adam",
+    "scale_by_kron_psgd",
     "scale_by_lamb",
     "scale_by_lion",
     "scale_by_mars",
@@ -147,11 +159,13 @@ __all__ = [
     "scale_by_sgd",
     "scale_by_soap",
     "scale_by_sophia",
+    "scale_by_stiefel",
     "set_learning_rate",
     "sgd",
     "soap",
     "sophia",
     "sophia_update_hessian",
+    "stiefel",
 ]
 
 # The crate-style classes (Sgd, AdamW, Muon, ...): one per registered algorithm, generated.

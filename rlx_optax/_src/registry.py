@@ -17,6 +17,7 @@ import optax
 from rlx_optax._src.transforms import adafactor as _adafactor
 from rlx_optax._src.transforms import adam as _adam
 from rlx_optax._src.transforms import hessian as _hessian
+from rlx_optax._src.transforms import kron_psgd as _kron_psgd
 from rlx_optax._src.transforms import lamb as _lamb
 from rlx_optax._src.transforms import lion as _lion
 from rlx_optax._src.transforms import mars as _mars
@@ -27,6 +28,7 @@ from rlx_optax._src.transforms import radam as _radam
 from rlx_optax._src.transforms import sgd as _sgd
 from rlx_optax._src.transforms import soap as _soap
 from rlx_optax._src.transforms import sophia as _sophia
+from rlx_optax._src.transforms import stiefel as _stiefel
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -341,6 +343,40 @@ ALGORITHMS: tuple[Algorithm, ...] = (
             }
         ),
         needs_params=False,
+    ),
+    Algorithm(
+        name="stiefel",
+        factory=_stiefel.stiefel,
+        stateful="Stiefel",
+        crate_name="stiefel",
+        crate_fields=_frozen({"lr": "learning_rate", "momentum": "momentum"}),
+        crate_defaults=_frozen({"momentum": 0.0}),
+        matrix=True,
+        contract_lr=0.1,
+        golden_tol=1e-4,
+    ),
+    Algorithm(
+        name="kron_psgd",
+        factory=_kron_psgd.kron_psgd,
+        stateful="KronPsgd",
+        crate_name="kronpsgd",
+        crate_fields=_frozen(
+            {
+                "lr": "learning_rate",
+                "precond_lr": "precond_lr",
+                "momentum": "momentum",
+                "weight_decay": "weight_decay",
+                "eps": "eps",
+                "clip": "clip",
+            }
+        ),
+        crate_defaults=_frozen(
+            {"precond_lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "eps": 1e-8, "clip": 1.0}
+        ),
+        matrix=True,
+        contract_lr=0.05,
+        needs_params=False,
+        golden_tol=1e-4,
     ),
 )
 

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+
+from rlx_optax._src.linalg._sharding import explicit_shardings
 
 #: The crate's quintic coefficients (Keller Jordan's Muon): a, b, c of
 #: :math:`X \leftarrow aX + (bA + cA^2)X`.
@@ -32,29 +33,6 @@ def _coefficient_table(coeffs: Any) -> np.ndarray:
     if not np.all(np.isfinite(table)):
         raise ValueError(f"coeffs must be finite, got {coeffs!r}")
     return table
-
-
-def _explicit_shardings(x: jax.Array) -> tuple[Any, Any]:
-    """(replicated, x's own) shardings when `x` lives on a mesh with Explicit axes, else Nones.
-
-    Under explicit sharding `X @ X.T` with a sharded contracting (or doubly sharded output)
-    dimension is ambiguous and JAX refuses it (optax.contrib.muon raises ShardingTypeError
-    there). The Gram matrix is only min(m, n) square, so it is made replicated (an all-reduce
-    of partial sums), and `B @ X` keeps the layout of `X`: no full gather of `X` is needed
-    when the long dimension is sharded.
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return None, None
-    mesh = sharding.mesh
-    explicit = [
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == jax.sharding.AxisType.Explicit
-    ]
-    if not explicit or all(s is None for s in sharding.spec):
-        return None, None
-    return NamedSharding(mesh, PartitionSpec()), sharding
 
 
 def newton_schulz(
@@ -138,7 +116,10 @@ def newton_schulz(
     ct = compute_dtype or jnp.promote_types(x.dtype, jnp.float32)
     transposed = x.shape[0] > x.shape[1]
     X = (x.T if transposed else x).astype(ct)
-    gram_sharding, x_sharding = _explicit_shardings(X)
+    # Under explicit sharding the Gram matrix (min(m, n) square) is made replicated, one
+    # all-reduce of partial sums, and `B @ X` keeps the layout of X: no gather of X is needed
+    # when its long dimension is sharded (optax.contrib.muon raises ShardingTypeError there).
+    gram_sharding, x_sharding = explicit_shardings(X)
 
     def gram(a):  # a @ a.T without materialising the transpose
         return jax.lax.dot_general(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg._sharding import explicit_shardings
+
 
 def stiefel_tangent_projection(w: jax.Array, g: jax.Array) -> jax.Array:
     r"""Project a Euclidean gradient onto the tangent space of row-orthonormal matrices at `w`.
@@ -38,8 +40,10 @@ def stiefel_tangent_projection(w: jax.Array, g: jax.Array) -> jax.Array:
     """
     if w.ndim != 2 or w.shape != g.shape:
         raise ValueError(f"expected two matrices of one shape, got {w.shape} and {g.shape}")
-    a = w @ g.T
-    return g - (0.5 * (a + a.T)) @ w
+    replicated, w_sharding = explicit_shardings(w)
+    a = jax.lax.dot_general(w, g, (((1,), (1,)), ((), ())), out_sharding=replicated)
+    sym = 0.5 * (a + a.T)
+    return g - jax.lax.dot_general(sym, w, (((1,), (0,)), ((), ())), out_sharding=w_sharding)
 
 
 def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
@@ -75,6 +79,9 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
         raise ValueError(f"gram_schmidt_rows expects shape (m, n) with m <= n, got {y.shape}")
     ct = jnp.promote_types(y.dtype, jnp.float32)
     y32 = y.astype(ct)
+    replicated, y_sharding = explicit_shardings(y32)
+    if replicated is not None:  # the row loop runs on a replicated copy (m x n, gathered once)
+        y32 = jax.sharding.reshard(y32, replicated)
     m = y.shape[0]
 
     def body(i, q):
@@ -85,4 +92,6 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
         return jax.lax.dynamic_update_index_in_dim(q, row, i, axis=0)
 
     q = jax.lax.fori_loop(0, m, body, jnp.zeros_like(y32))
+    if replicated is not None:
+        q = jax.sharding.reshard(q, y_sharding)
     return q.astype(y.dtype)
