@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _moments
 
 
 class AdamState(NamedTuple):
@@ -46,41 +47,13 @@ def scale_by_adam(
     Returns:
       An `optax.GradientTransformation`.
     """
-    common.check_beta("b1", b1)
-    common.check_beta("b2", b2)
     common.check_non_negative("eps", eps)
     common.check_non_negative("eps_root", eps_root)
 
-    beta1, beta2 = b1, b2
+    def direction(g, m, v, ctx):
+        return (m / ctx.bc1) / (jnp.sqrt(v / ctx.bc2 + eps_root) + eps)
 
-    def init_fn(params):
-        return AdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
-            nu=common.zeros_like_tree(params),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        bc1 = common.bias_correction(b1, count)
-        bc2 = common.bias_correction(b2, count)
-
-        def leaf(g, m, v):
-            ct = common.compute_dtype(g.dtype)
-            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32 = g.astype(ct)
-            m = b1 * m.astype(ct) + (1 - b1) * g32
-            v = b2 * v.astype(ct) + (1 - b2) * g32 * g32
-            u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-            return u.astype(g.dtype), m, v
-
-        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        mu = optax.tree.cast_like(mu, state.mu)
-        nu = optax.tree.cast_like(nu, state.nu)
-        return u, AdamState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _moments.scale_by_moments(AdamState, b1, b2, mu_dtype, direction)
 
 
 def adam(

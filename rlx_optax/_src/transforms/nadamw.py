@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _moments
 
 
 class NAdamWState(NamedTuple):
@@ -48,48 +49,21 @@ def scale_by_nadamw(
     Returns:
       An `optax.GradientTransformation`.
     """
-    common.check_beta("b1", b1)
-    common.check_beta("b2", b2)
     common.check_non_negative("eps", eps)
     common.check_choice("variant", variant, ("crate", "algoperf"))
 
-    beta1, beta2 = b1, b2
+    def prepare(count):
+        return common.bias_correction(b1, count + 1)
 
-    def init_fn(params):
-        return NAdamWState(
-            count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
-            nu=common.zeros_like_tree(params),
-        )
+    def direction(g, m, v, ctx):
+        beta1 = jnp.asarray(b1, g.dtype)
+        if variant == "crate":
+            m_bar = beta1 * m / ctx.extra + (1 - beta1) * g / ctx.bc1
+        else:
+            m_bar = (beta1 * m + (1 - beta1) * g) / ctx.bc1
+        return m_bar / (jnp.sqrt(v / ctx.bc2) + eps)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        bc1 = common.bias_correction(b1, count)
-        bc1_next = common.bias_correction(b1, count + 1)
-        bc2 = common.bias_correction(b2, count)
-
-        def leaf(g, m, v):
-            ct = common.compute_dtype(g.dtype)
-            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32 = g.astype(ct)
-            m = b1 * m.astype(ct) + (1 - b1) * g32
-            v = b2 * v.astype(ct) + (1 - b2) * g32 * g32
-            if variant == "crate":
-                m_bar = b1 * m / bc1_next + (1 - b1) * g32 / bc1
-            else:
-                m_bar = (b1 * m + (1 - b1) * g32) / bc1
-            u = m_bar / (jnp.sqrt(v / bc2) + eps)
-            return u.astype(g.dtype), m, v
-
-        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        return u, NAdamWState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _moments.scale_by_moments(NAdamWState, b1, b2, mu_dtype, direction, prepare)
 
 
 def nadamw(

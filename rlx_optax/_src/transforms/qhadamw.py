@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _moments
 
 
 class QHAdamWState(NamedTuple):
@@ -47,46 +48,15 @@ def scale_by_qhadam(
     Returns:
       An `optax.GradientTransformation`.
     """
-    common.check_beta("b1", b1)
-    common.check_beta("b2", b2)
     common.check_range("nu1", nu1, 0.0, 1.0)
     common.check_range("nu2", nu2, 0.0, 1.0)
     common.check_non_negative("eps", eps)
 
-    beta1, beta2 = b1, b2
+    def direction(g, m, v, ctx):
+        num = (1 - nu1) * g + nu1 * (m / ctx.bc1)
+        return num / (jnp.sqrt((1 - nu2) * g * g + nu2 * (v / ctx.bc2)) + eps)
 
-    def init_fn(params):
-        return QHAdamWState(
-            count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
-            nu=common.zeros_like_tree(params),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        bc1 = common.bias_correction(b1, count)
-        bc2 = common.bias_correction(b2, count)
-
-        def leaf(g, m, v):
-            ct = common.compute_dtype(g.dtype)
-            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32 = g.astype(ct)
-            g2 = g32 * g32
-            m = b1 * m.astype(ct) + (1 - b1) * g32
-            v = b2 * v.astype(ct) + (1 - b2) * g2
-            num = (1 - nu1) * g32 + nu1 * (m / bc1)
-            den = jnp.sqrt((1 - nu2) * g2 + nu2 * (v / bc2)) + eps
-            return (num / den).astype(g.dtype), m, v
-
-        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        return u, QHAdamWState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _moments.scale_by_moments(QHAdamWState, b1, b2, mu_dtype, direction)
 
 
 def qhadamw(

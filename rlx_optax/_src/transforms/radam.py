@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _moments
 
 
 class RAdamState(NamedTuple):
@@ -90,54 +91,30 @@ def scale_by_radam(
     Returns:
       An `optax.GradientTransformation`.
     """
-    common.check_beta("b1", b1)
-    common.check_beta("b2", b2)
+    common.check_beta("b2", b2)  # before it divides by 1 - b2
     common.check_non_negative("eps", eps)
     common.check_range("threshold", threshold, 4.0)
-    beta1, beta2 = b1, b2
     rho_inf = 2.0 / (1.0 - b2) - 1.0
     exact = _rectifier_table(b2, threshold)
 
-    def init_fn(params):
-        return RAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
-            nu=common.zeros_like_tree(params),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        bc1 = common.bias_correction(b1, count)
-        bc2 = common.bias_correction(b2, count)
+    def prepare(count):
         rectified, r = _rectifier_f32(count, b2, rho_inf, threshold)
         if exact is not None:
             # rho_t cancels catastrophically in float32 while t is small; use the table there.
-            table_on, table_r = exact
+            table_on, table_r = (jnp.asarray(a) for a in exact)
             idx = jnp.clip(count - 1, 0, table_r.shape[0] - 1)
             early = count <= table_r.shape[0]
-            rectified = jnp.where(early, jnp.asarray(table_on)[idx], rectified)
-            r = jnp.where(early, jnp.asarray(table_r)[idx], r)
+            rectified = jnp.where(early, table_on[idx], rectified)
+            r = jnp.where(early, table_r[idx], r)
+        return rectified, r
 
-        def leaf(g, m, v):
-            ct = common.compute_dtype(g.dtype)
-            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32 = g.astype(ct)
-            m = b1 * m.astype(ct) + (1 - b1) * g32
-            v = b2 * v.astype(ct) + (1 - b2) * g32 * g32
-            m_hat = m / bc1
-            warm = m_hat if degenerate_to_sgd else jnp.zeros_like(m_hat)
-            u = jnp.where(rectified, r * m_hat / (jnp.sqrt(v / bc2) + eps), warm)
-            return u.astype(g.dtype), m, v
+    def direction(g, m, v, ctx):
+        rectified, r = ctx.extra
+        m_hat = m / ctx.bc1
+        warm = m_hat if degenerate_to_sgd else jnp.zeros_like(m_hat)
+        return jnp.where(rectified, r * m_hat / (jnp.sqrt(v / ctx.bc2) + eps), warm)
 
-        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        return u, RAdamState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _moments.scale_by_moments(RAdamState, b1, b2, mu_dtype, direction, prepare)
 
 
 def radam(
