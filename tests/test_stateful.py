@@ -81,6 +81,9 @@ def test_constructor_takes_lr_first_and_crate_fields_with_crate_defaults(row):
     assert params[0] == "lr"
     opt = cls(0.01)
     for field, default in row.crate_defaults.items():
+        if field == "lr":  # Adafactor: None, the relative step size
+            assert cls().lr is default is None
+            continue
         assert getattr(opt, field) == default, field
         assert inspect.signature(cls).parameters[field].default == default
     assert set(row.crate_fields) - {"lr"} <= set(params)
@@ -517,3 +520,31 @@ def test_adam_accepts_f32_math_and_current_step():
     assert opt.f32_math is False and opt.current_step() == 1
     opt.end_iteration()
     assert opt.current_step() == 2
+
+
+def test_jax_grads_are_not_donated_with_the_state():
+    # MARS stores the previous gradient: the caller's gradient array must stay usable.
+    cls = stateful.CLASSES.get("Mars", rlx_optax.Sgd)
+    opt = cls(0.01)
+    g = jnp.ones(4)
+    p = jnp.zeros(4)
+    for _ in range(3):
+        p = opt.step("p", (4,), p, g)
+        p = opt.step_batch([("p", (4,), p, g)])[0]
+    np.testing.assert_array_equal(np.asarray(g), 1.0)
+
+
+def test_adafactor_relative_step_then_manual_lr():
+    if "Adafactor" not in stateful.CLASSES:
+        pytest.skip("adafactor not registered yet")
+    relative = rlx_optax.Adafactor()
+    params = run_loop(relative, init_params(), 2)
+    saved = relative.state_dict()
+    manual = rlx_optax.Adafactor(0.01)
+    manual.load_state_dict(saved)  # the learning rate is not part of the state
+    relative.set_lr(0.01)  # unlike the crate (a no-op), this switches to the manual rate
+    other = {n: v.copy() for n, v in params.items()}
+    run_loop(relative, params, 1, start=2)
+    run_loop(manual, other, 1, start=2)
+    for n, _ in TENSORS:
+        np.testing.assert_array_equal(params[n], other[n])

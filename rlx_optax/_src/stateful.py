@@ -72,6 +72,23 @@ def _take_fields(tree: Any, source: Any, fields: tuple[str, ...]) -> Any:
     return tree
 
 
+def _own_buffers(state: Any, *inputs: Any) -> Any:
+    """Copy the state leaves that are inputs or repeat another leaf (inside `jit`).
+
+    The state is donated at the next step, so each leaf must own its buffer: MARS keeps the
+    gradient itself, and the counts set from the global step are one value.
+    """
+    seen = {id(x) for x in inputs}
+
+    def own(x):
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, state)
+
+
 class _Compiled:
     """The transform of one configuration and its jitted init, step and batch functions."""
 
@@ -98,7 +115,7 @@ class _Compiled:
             hyper = {**state.hyperparams, "learning_rate": lr}
             state = state._replace(hyperparams=hyper)
         updates, state = self.tx.update(grad, state, param)
-        return optax.apply_updates(param, updates), state
+        return optax.apply_updates(param, updates), _own_buffers(state, param, grad, step, lr)
 
     def _step(self, state, param, grad, step, lr, fresh):
         # fresh: the tensor's first step, at a global step > 0.
@@ -145,9 +162,13 @@ class _Slot:
         self.shape, self.dtype, self.state = shape, dtype, state
 
 
+_HYPER = ".hyperparams"  # the injected learning rate: rewritten before every update
+
+
 def _state_leaves(state: Any) -> dict[str, Any]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+    out = {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+    return {k: v for k, v in out.items() if not k.startswith(_HYPER)}
 
 
 class Optimizer:
@@ -340,13 +361,17 @@ class Optimizer:
             template = jax.eval_shape(compiled.tx.init, jax.ShapeDtypeStruct(shape, dtype))
             leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
             keys = [jax.tree_util.keystr(p) for p, _ in leaves]
-            if set(keys) != set(saved["state"]):
+            expected = [k for k in keys if not k.startswith(_HYPER)]
+            if set(expected) != set(saved["state"]):
                 raise ValueError(
                     f"{cls}.load_state_dict: the state of parameter {name!r} does not match "
-                    f"{self!r} (expected entries {keys}, got {sorted(saved['state'])})"
+                    f"{self!r} (expected entries {expected}, got {sorted(saved['state'])})"
                 )
             values = []
             for key, (_, like) in zip(keys, leaves, strict=True):
+                if key.startswith(_HYPER):
+                    values.append(jnp.zeros(like.shape, like.dtype))
+                    continue
                 value = np.asarray(saved["state"][key])
                 if value.shape != like.shape or value.dtype != like.dtype:
                     raise ValueError(
@@ -365,7 +390,20 @@ class Optimizer:
 
     def _state(self, compiled: _Compiled, item: tuple) -> Any:
         slot = self._slots.get(item[0])
-        return compiled.init(item[2]) if slot is None else slot.state
+        if slot is not None:
+            return slot.state
+        # Eager init may share buffers (cached scalar zeros) or keep the parameter itself; the
+        # state is donated, so every leaf gets its own buffer.
+        seen = {_buffer_key(item[2])}
+
+        def own(x):
+            key = _buffer_key(x)
+            if key in seen:
+                return jnp.array(x, copy=True)
+            seen.add(key)
+            return x
+
+        return jax.tree.map(own, compiled.init(item[2]))
 
     def _check(self, name: str, shape: Iterable[int], param: Array, grad: Array) -> tuple:
         """Validate one call; return ``(name, shape, param, grad)`` shaped for the transform."""
@@ -404,6 +442,13 @@ class Optimizer:
         if grad.dtype != param.dtype:
             grad = grad.astype(param.dtype)
         return name, shape, param, grad
+
+
+def _buffer_key(x: Any) -> Any:
+    try:
+        return x.unsafe_buffer_pointer()
+    except Exception:  # not a single-device array
+        return id(x)
 
 
 def _write_back(param: Array, new: jax.Array) -> Array:
