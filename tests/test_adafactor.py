@@ -226,3 +226,19 @@ def test_inject_hyperparams_needs_no_static_args():
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         rlx_optax.adafactor(**kwargs)
+
+
+def test_state_can_be_donated():
+    # every state leaf is its own buffer (a shared placeholder would be donated twice)
+    params = jax.tree.map(jnp.asarray, _tree())
+    tx = rlx_optax.adafactor(0.01)
+    state = tx.init(params)
+    ids = [id(x) for x in jax.tree.leaves(state)]
+    assert len(ids) == len(set(ids))
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    g = jax.tree.map(jnp.ones_like, params)
+    jax.jit(step, donate_argnums=(0, 1))(params, state, g)

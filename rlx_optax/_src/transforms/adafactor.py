@@ -107,14 +107,12 @@ def scale_by_adafactor(
 
         def leaf(p):
             dt = common.compute_dtype(p.dtype)
-            empty = jnp.zeros((0,), dt)
+            # distinct placeholder buffers: one shared array would be donated twice by a
+            # jitted step that donates the state
             if _is_factored(p.shape, factored, min_dim):
-                return (
-                    jnp.zeros(p.shape[:-1], dt),
-                    jnp.zeros(p.shape[:-2] + p.shape[-1:], dt),
-                    empty,
-                )
-            return empty, empty, jnp.zeros(p.shape, dt)
+                row, col = jnp.zeros(p.shape[:-1], dt), jnp.zeros(p.shape[:-2] + p.shape[-1:], dt)
+                return row, col, jnp.zeros((0,), dt)
+            return jnp.zeros((0,), dt), jnp.zeros((0,), dt), jnp.zeros(p.shape, dt)
 
         v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
         mu = None if momentum is None else common.zeros_like_tree(params, jnp.float32)
