@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _moments
 
 
 class LambState(NamedTuple):
@@ -19,10 +21,28 @@ class LambState(NamedTuple):
     nu: optax.Updates
 
 
-def _norm_finite(x: jax.Array) -> jax.Array:
-    """L2 norm over the finite entries (the crate's `l2_norm`), in float32."""
-    x = x.astype(common.compute_dtype(x.dtype))
-    return jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0.0)))
+def _norm_finite(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
+    """L2 norm over the finite entries of ``fn(*args)`` (the crate's `l2_norm`), in float32.
+
+    Speed, not semantics, shapes this function: the plain sum of squares fuses into one read of
+    `args` (XLA folds the element-wise `fn` into the reduction), whereas a masked sum, or a
+    `fn(*args)` held for a second use, is a parameter-sized temporary written and read again.
+    The masked sum runs only when the plain one is not finite (a non-finite entry, or an
+    overflow, where both agree), and it recomputes `fn` rather than keeping it.
+    """
+
+    def values():
+        x = fn(*args)
+        return x.astype(common.compute_dtype(x.dtype))
+
+    x = values()
+    total = jnp.sum(x * x)
+
+    def masked():
+        x = values()
+        return jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0.0))
+
+    return jnp.sqrt(jax.lax.cond(jnp.isfinite(total), lambda: total, masked))
 
 
 def scale_by_lamb(
@@ -69,14 +89,8 @@ def scale_by_lamb(
             return _tree_full(params, True)
         return mask(params) if callable(mask) else mask
 
-    beta1, beta2 = b1, b2
-
     def init_fn(params):
-        return LambState(
-            count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
-            nu=common.zeros_like_tree(params),
-        )
+        return _moments.init_moments(LambState, params, mu_dtype)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -91,16 +105,26 @@ def scale_by_lamb(
         decay_on = resolve(weight_decay_mask, params)
 
         def leaf(g, m, v, p, use_trust, use_decay):
-            ct = common.compute_dtype(g.dtype)
-            b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32, p32 = g.astype(ct), p.astype(ct)
-            m = b1 * m.astype(ct) + (1 - b1) * g32
-            v = b2 * v.astype(ct) + (1 - b2) * g32 * g32
-            r = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-            if use_decay:
-                r = r + weight_decay * p32
+            g32, m, v = _moments.update_moments(g, m, v, b1, b2)
+            ct = g32.dtype
+            p32 = p.astype(ct)
+
+            scalars = (bc1, bc2, jnp.asarray(eps, ct), jnp.asarray(weight_decay, ct))
+
+            def direction(m, v, p32, scalars):
+                bc1, bc2, eps, weight_decay = scalars
+                r = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+                return r + weight_decay * p32 if use_decay else r
+
+            r = direction(m, v, p32, scalars)
             if use_trust:
-                w_norm, r_norm = _norm_finite(p32), _norm_finite(r)
+                # The barrier keeps the norm's copy of `direction` (and of its broadcast
+                # scalars) apart from the update's, so each fuses into its own pass over
+                # memory instead of sharing a materialised `r`.
+                w_norm = _norm_finite(lambda x: x, p32)
+                r_norm = _norm_finite(
+                    direction, *jax.lax.optimization_barrier((m, v, p32, scalars))
+                )
                 ok = (w_norm > 0) & (r_norm > 0)
                 r = r * jnp.where(ok, w_norm / jnp.where(ok, r_norm, 1.0), 1.0)
             return r.astype(g.dtype), m, v
