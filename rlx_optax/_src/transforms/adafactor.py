@@ -112,7 +112,8 @@ def scale_by_adafactor(
             if _is_factored(p.shape, factored, min_dim):
                 row, col = jnp.zeros(p.shape[:-1], dt), jnp.zeros(p.shape[:-2] + p.shape[-1:], dt)
                 return row, col, jnp.zeros((0,), dt)
-            return jnp.zeros((0,), dt), jnp.zeros((0,), dt), jnp.zeros(p.shape, dt)
+            # zeros_like keeps the parameter's sharding for the full second moment
+            return jnp.zeros((0,), dt), jnp.zeros((0,), dt), jnp.zeros_like(p, dtype=dt)
 
         v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
         mu = None if momentum is None else common.zeros_like_tree(params, jnp.float32)
