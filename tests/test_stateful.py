@@ -548,3 +548,18 @@ def test_adafactor_relative_step_then_manual_lr():
     run_loop(manual, other, 1, start=2)
     for n, _ in TENSORS:
         np.testing.assert_array_equal(params[n], other[n])
+
+
+def test_jax_params_are_donated_unless_asked_not_to():
+    p, g = jnp.ones(3), jnp.ones(3)
+    new = rlx_optax.Sgd(0.5).step("p", (3,), p, g)
+    assert p.is_deleted() and not g.is_deleted()
+    np.testing.assert_allclose(np.asarray(new), 0.5)
+    kept = jnp.ones(3)
+    opt = rlx_optax.Sgd(0.5, donate_params=False)
+    opt.step("p", (3,), kept, g)
+    opt.step_batch([("p", (3,), kept, g)])
+    np.testing.assert_array_equal(np.asarray(kept), 1.0)
+    with pytest.raises(ValueError, match="same param array"):
+        rlx_optax.Sgd(0.5).step_batch([("a", (3,), new, g), ("b", (3,), new, g)])
+    assert not new.is_deleted()

@@ -105,8 +105,17 @@ class _Compiled:
         self.first_sight = _FIRST_SIGHT.get(row.crate_name, ())
         self.traces = 0
         self.init = self.tx.init  # once per name: eager is cheaper than compiling
-        self.step = jax.jit(self._traced_step, donate_argnums=0, static_argnames="fresh")
-        self.batch = jax.jit(self._batch, donate_argnums=0, static_argnames="fresh")
+        # Keyed by "donate the parameters too"; the state is always donated.
+        self.step = {
+            d: jax.jit(
+                self._traced_step, donate_argnums=(0, 1) if d else 0, static_argnames="fresh"
+            )
+            for d in (False, True)
+        }
+        self.batch = {
+            d: jax.jit(self._batch, donate_argnums=(0, 1) if d else 0, static_argnames="fresh")
+            for d in (False, True)
+        }
 
     def _update(self, state, param, grad, step, lr):
         if self.counted:
@@ -115,12 +124,14 @@ class _Compiled:
             hyper = {**state.hyperparams, "learning_rate": lr}
             state = state._replace(hyperparams=hyper)
         updates, state = self.tx.update(grad, state, param)
-        return optax.apply_updates(param, updates), _own_buffers(state, param, grad, step, lr)
+        # (state, param) in the order of the arguments: donated buffers are matched to outputs
+        # by shape in order, so any other order makes XLA copy every moment.
+        return _own_buffers(state, param, grad, step, lr), optax.apply_updates(param, updates)
 
     def _step(self, state, param, grad, step, lr, fresh):
         # fresh: the tensor's first step, at a global step > 0.
         if fresh and self.counted and self.first_sight:
-            _, first = self._update(state, param, grad, jnp.zeros_like(step), lr)
+            first, _ = self._update(state, param, grad, jnp.zeros_like(step), lr)
             state = _take_fields(state, first, self.first_sight)
         return self._update(state, param, grad, step, lr)
 
@@ -132,10 +143,10 @@ class _Compiled:
         self.traces += 1
         out_params, out_states = {}, {}
         for i, name in enumerate(sorted(states)):
-            out_params[name], out_states[name] = self._step(
+            out_states[name], out_params[name] = self._step(
                 states[name], params[name], grads[name], step, lrs[i], name in fresh
             )
-        return out_params, out_states
+        return out_states, out_params
 
 
 _CACHE: dict[Any, _Compiled] = {}
@@ -176,7 +187,8 @@ class Optimizer:
 
     Subclasses (``Sgd``, ``AdamW``, ...) are generated from `registry.ALGORITHMS`: the
     constructor takes ``lr`` first and every public field of the crate's struct as a keyword
-    with the crate's default, plus ``lr_scale`` (a mapping name -> factor, or a callable).
+    with the crate's default, plus ``lr_scale`` (a mapping name -> factor, or a callable) and
+    ``donate_params`` (JAX-array parameters are donated to the compiled step; default True).
     Changing a field (directly or through a ``with_*`` builder) takes effect at the next step
     and compiles once for the new configuration; ``lr`` is data and never recompiles.
     """
@@ -189,6 +201,7 @@ class Optimizer:
         lr: float | None = None,
         *,
         lr_scale: Mapping[str, float] | Callable[[str], float] | None = None,
+        donate_params: bool = True,
         **fields: Any,
     ):
         row = self.algorithm
@@ -206,6 +219,7 @@ class Optimizer:
             object.__setattr__(self, name, fields.get(name, default))
         self.lr = lr
         self._lr_scales = lr_scale
+        self.donate_params = donate_params
         self._step = 0
         self._slots: dict[str, _Slot] = {}
         self._transform()  # validates the hyperparameters now
@@ -273,7 +287,10 @@ class Optimizer:
         """Update `param` from `grad` with the state kept for `name`.
 
         A writable NumPy array is updated in place and returned; a JAX array is returned
-        updated. `shape` is the logical shape (a flat `param` of that size is accepted, as in
+        updated and, unless the optimizer was built with ``donate_params=False``, donated to
+        the compiled step like in a donated ``jax.jit`` train step (the array passed in is
+        deleted: keep the returned one). `shape` is the logical shape (a flat `param` of that
+        size is accepted, as in
         the crate); a rank-2 shape takes the algorithm's matrix path. On a `ValueError` the
         parameter and the state are unchanged.
         """
@@ -281,7 +298,8 @@ class Optimizer:
         compiled = self._transform()
         fresh = bool(compiled.first_sight) and self._step > 0 and name not in self._slots
         state = self._state(compiled, item)
-        new_param, new_state = compiled.step(
+        donate = self.donate_params or item[2] is not param or isinstance(param, np.ndarray)
+        new_state, new_param = compiled.step[donate](
             state, item[2], item[3], np.int32(self._step), self._lr(name), fresh=fresh
         )
         self._slots[name] = _Slot(item[1], item[2].dtype, new_state)
@@ -298,13 +316,19 @@ class Optimizer:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"step_batch: parameter names repeated: {dup}")
+        donate = self.donate_params or all(
+            c[2] is not item[2] or isinstance(item[2], np.ndarray)
+            for c, item in zip(checked, items, strict=True)
+        )
+        if donate and len({id(c[2]) for c in checked}) != len(checked):
+            raise ValueError("step_batch: the same param array is passed for several names")
         compiled = self._transform()
         fresh = ()
         if compiled.first_sight and self._step > 0:
             fresh = tuple(sorted(n for n in names if n not in self._slots))
         states = {c[0]: self._state(compiled, c) for c in checked}
         lrs = np.array([self._lr(n) for n in sorted(names)], np.float32)
-        new_params, new_states = compiled.batch(
+        new_states, new_params = compiled.batch[donate](
             states,
             {c[0]: c[2] for c in checked},
             {c[0]: c[3] for c in checked},
@@ -594,6 +618,7 @@ def _make_class(row: registry.Algorithm) -> type[Optimizer]:
             for f, d in cls._defaults().items()
         ),
         inspect.Parameter("lr_scale", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("donate_params", inspect.Parameter.KEYWORD_ONLY, default=True),
     ]
     cls.__init__ = _init_with_signature(inspect.Signature(params))
     return cls
