@@ -1,0 +1,134 @@
+"""SOAP and Kron-PSGD step time against the matmul floor of their per-step work.
+
+For each shape: the time of a jitted, donated ``update + apply_updates`` on one (m, n) matrix,
+divided by the floor = counted FLOPs / GEMM rate measured in the same run (harness.gemm_rate).
+SOAP is timed over blocks of `precond_freq` steps, so its eigendecomposition refresh is
+amortised as in training. Kron is also compared with psgd-jax's `kron` when psgd-jax is
+installed (``pip install .[bench]``); nothing of psgd-jax is used by the library.
+
+Run: ``python -m benchmarks.kron_soap`` (writes benchmarks/out/kron_soap.json).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import rlx_optax
+from benchmarks import harness
+
+SHAPES = [(512, 512), (512, 1024)]
+FREQ = 10  # SOAP's precond_freq (the crate's default); also the block length for every timing
+
+
+def eigh_flops(n: int) -> float:
+    # symmetric eigendecomposition with vectors: ~4/3 n^3 tridiagonalisation, ~4/3 n^3 to form
+    # the Householder product, ~6 n^3 implicit QR on the tridiagonal with vector updates
+    return 9.0 * n**3
+
+
+def soap_flops(m: int, n: int) -> float:
+    """Per step: two Gram matrices, rotation in and out (2 products each); refresh / FREQ."""
+    per_step = 2 * m * m * n + 2 * m * n * n + 2 * (2 * m * m * n + 2 * m * n * n)
+    return per_step + (eigh_flops(m) + eigh_flops(n)) / FREQ
+
+
+def kron_flops(m: int, n: int) -> float:
+    """Per step, dense counts: A (2 products), B (2 triangular solves, half a product each),
+    AA^T - BB^T on both sides (4 products), Q triu(M) on both sides, P G (4 products)."""
+    mn = m * n
+    return 2 * mn * (m + n) + mn * (m + n) + 4 * mn * (m + n) + 2 * (m**3 + n**3) + 4 * mn * (m + n)
+
+
+def load_psgd_jax():
+    """psgd-jax's kron, or None. psgd-jax 0.2.9 imports a private optax module that moved."""
+    try:
+        sys.modules.setdefault("optax._src.clipping", optax.transforms._clipping)
+        from psgd_jax.kron import kron
+    except ImportError:
+        return None
+    return kron
+
+
+def block_time(tx, shape, steps=FREQ, iters=3):
+    """Median seconds per step of `steps` jitted, donated steps (one compiled scan)."""
+    params = {"w": jax.random.normal(jax.random.key(0), shape, jnp.float32) * 0.02}
+    grads = [jax.random.normal(jax.random.key(i + 1), shape, jnp.float32) for i in range(steps)]
+    stacked = {"w": jnp.stack([g for g in grads])}
+
+    def run(params, state):
+        def body(carry, g):
+            p, s = carry
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(body, (params, state), stacked)[0]
+
+    step = jax.jit(run, donate_argnums=(0, 1))
+    carry = (params, tx.init(params))
+    return harness.time_step(step, carry, warmup=1, iters=iters) / steps
+
+
+def main() -> None:
+    gemm = harness.gemm_rate(1024)
+    psgd_kron = load_psgd_jax()
+    results = []
+    for m, n in SHAPES:
+        row = {"shape": [m, n]}
+        soap_t = block_time(rlx_optax.soap(3e-3), (m, n))
+        row["soap_s"] = soap_t
+        row["soap_floor_s"] = soap_flops(m, n) / gemm
+        row["soap_over_floor"] = soap_t / row["soap_floor_s"]
+        kron_t = block_time(rlx_optax.kron_psgd(1e-3), (m, n))
+        row["kron_s"] = kron_t
+        row["kron_floor_s"] = kron_flops(m, n) / gemm
+        row["kron_over_floor"] = kron_t / row["kron_floor_s"]
+        ref = rlx_optax.kron_psgd(
+            1e-3,
+            momentum_before=True,
+            probe="random",
+            key=jax.random.key(0),
+            factor_update="reference",
+            clip_mode="rms",
+            clip=1.1,
+            precondition_nd=True,
+            max_size_triangular=8192,
+        )
+        row["kron_reference_s"] = block_time(ref, (m, n))
+        row["kron_reference_over_floor"] = row["kron_reference_s"] / row["kron_floor_s"]
+        if psgd_kron is not None:
+            peer = psgd_kron(
+                1e-3, b1=0.9, preconditioner_update_probability=1.0, precond_update_precision=None
+            )
+            row["psgd_jax_kron_s"] = block_time(peer, (m, n))
+            row["kron_reference_over_psgd_jax"] = row["kron_reference_s"] / row["psgd_jax_kron_s"]
+        results.append(row)
+        print(
+            f"{m}x{n}: soap {soap_t * 1e3:.1f} ms ({row['soap_over_floor']:.2f}x floor), "
+            f"kron {kron_t * 1e3:.1f} ms ({row['kron_over_floor']:.2f}x floor), "
+            f"kron reference {row['kron_reference_s'] * 1e3:.1f} ms "
+            f"({row['kron_reference_over_floor']:.2f}x floor)"
+            + (
+                f", psgd-jax kron {row['psgd_jax_kron_s'] * 1e3:.1f} ms "
+                f"(ours/psgd-jax {row['kron_reference_over_psgd_jax']:.2f})"
+                if psgd_kron is not None
+                else ", psgd-jax not installed: comparison skipped"
+            )
+        )
+    path = harness.write_json(
+        "kron_soap",
+        {
+            "gemm_flops_per_s": gemm,
+            "precond_freq": FREQ,
+            "psgd_jax": psgd_kron is not None,
+            "results": results,
+        },
+    )
+    print(f"GEMM rate {gemm / 1e9:.1f} GFLOP/s; wrote {path.name}")
+
+
+if __name__ == "__main__":
+    main()
