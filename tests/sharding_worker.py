@@ -1,0 +1,346 @@
+"""Run every registered algorithm sharded over 8 fake CPU devices; print one JSON report.
+
+`tests/test_sharding.py` runs this file in a subprocess (the device count is fixed when JAX
+starts, so it cannot be changed inside the pytest process). Usage::
+
+    python tests/sharding_worker.py --mesh auto|explicit [--only adamw,lion]
+
+For each algorithm and mesh kind it builds one parameter tree whose leaves carry every layout
+of `LAYOUTS` (matrices sharded on rows, on columns and on both, replicated matrices, vectors
+replicated and sharded, a scalar, a 3-D leaf), and checks:
+
+* `init` outside `jax.jit` and inside it give state leaves sharded like their parameter
+  (inside `jax.jit` on an Auto mesh XLA chooses, so that case is recorded, not required);
+* `STEPS` jitted steps (`update` + `apply_updates`, no in/out shardings given) keep every
+  parameter and every state leaf of the parameter's shape sharded like the parameter, and
+  scalar state replicated;
+* parameters and state agree with the same steps run on a single device, within the row's
+  `golden_tol` relative to the displacement (parameters) or to the magnitude (state): the
+  sharded program sums partial reductions (norms, matmuls) in another order, so bit equality
+  is not expected for the matrix families.
+
+When the combined tree fails with an exception, each layout is run alone to say which fail.
+The last line of stdout is ``SHARDING_REPORT <json>``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from rlx_optax._src import registry  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+STEPS = 3
+PERTURBATION = 1e-7  # relative, about one float32 ulp: what another summation order changes
+MESH_SHAPE = (4, 2)
+AXES = ("data", "model")
+ALL = ("data", "model")  # both mesh axes on one dimension: 8-way
+
+# name -> (shape, partition spec). Every dimension divides its mesh axes.
+LAYOUTS: dict[str, tuple[tuple[int, ...], P]] = {
+    "w_rows": ((16, 16), P(ALL, None)),
+    "w_cols": ((16, 16), P(None, ALL)),
+    "w_both": ((16, 16), P("data", "model")),
+    "w_tall": ((32, 16), P("data", None)),
+    "w_wide": ((16, 32), P(None, ALL)),
+    "w_replicated": ((8, 12), P()),
+    "b_replicated": ((16,), P()),
+    "b_sharded": ((32,), P(ALL)),
+    "scalar": ((), P()),
+    "t_sharded": ((8, 3, 4), P("data", None, None)),
+}
+
+
+def make_mesh(kind: str) -> jax.sharding.Mesh:
+    axis_type = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    return jax.make_mesh(MESH_SHAPE, AXES, axis_types=(axis_type,) * len(AXES))
+
+
+def host_values(names: list[str], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(size=LAYOUTS[n][0]).astype(np.float32) + np.float32(0.5) for n in names}
+
+
+def make_tx(row: registry.Algorithm) -> optax.GradientTransformationExtraArgs:
+    return row.factory(row.contract_lr, **row.contract_kwargs)
+
+
+def make_step(row, tx):
+    def step(params, state, grads):
+        extra = row.update_extra(params, grads) if row.update_extra else {}
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def leaf_name(path) -> str | None:
+    """The parameter a state leaf mirrors: its path ends with a `DictKey` naming a layout.
+
+    Moments (`mu['w_rows']`) end with the parameter's key; per-parameter tuples of
+    preconditioner factors (`stats['w_rows'][0]`) do not and are free to take another layout.
+    """
+    if path and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in LAYOUTS:
+        return path[-1].key
+    return None
+
+
+def check_shardings(mesh, where: str, params, state, problems: list[str]) -> int:
+    """Append mismatches to `problems`; return how many state leaves were checked."""
+    checked = 0
+    for name, p in params.items():
+        want = NamedSharding(mesh, LAYOUTS[name][1])
+        if not p.sharding.is_equivalent_to(want, p.ndim):
+            problems.append(f"{where}: param {name} has {p.sharding.spec}, want {want.spec}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if not isinstance(leaf, jax.Array) or not jnp.issubdtype(leaf.dtype, jnp.number):
+            continue
+        name = leaf_name(path)
+        label = jax.tree_util.keystr(path)
+        if name is not None and leaf.shape == params[name].shape and leaf.ndim > 0:
+            checked += 1
+            if not leaf.sharding.is_equivalent_to(params[name].sharding, leaf.ndim):
+                problems.append(
+                    f"{where}: state {label} has {leaf.sharding.spec}, "
+                    f"param {name} has {params[name].sharding.spec}"
+                )
+        elif leaf.ndim == 0 and not leaf.sharding.is_fully_replicated:
+            problems.append(f"{where}: scalar state {label} is not replicated")
+    return checked
+
+
+def relative_error(got, want, scale) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.size == 0:
+        return 0.0
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        return float("inf")
+    finite = np.isfinite(want)
+    return float(np.max(np.abs(got - want)[finite], initial=0.0) / max(scale, 1e-30))
+
+
+def leaf_errors(row, p0, ref_params, ref_state, params, state) -> dict[str, float]:
+    """Relative error of every parameter (of the displacement) and float state leaf."""
+    errors = {}
+    for name in ref_params:
+        disp = float(np.max(np.abs(np.asarray(ref_params[name]) - p0[name]), initial=0.0))
+        errors[f"param {name}"] = relative_error(params[name], ref_params[name], disp)
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(ref_state), jax.tree.leaves(state), strict=True
+    ):
+        if not hasattr(want, "dtype") or not jnp.issubdtype(want.dtype, jnp.number):
+            continue
+        label = f"state {jax.tree_util.keystr(path)}"
+        if jnp.issubdtype(want.dtype, jnp.integer):
+            same = np.array_equal(np.asarray(got), np.asarray(want))
+            errors[label] = 0.0 if same else float("inf")
+            continue
+        scale = float(np.max(np.abs(np.asarray(want, np.float64)), initial=0.0))
+        errors[label] = relative_error(got, want, scale)
+    return errors
+
+
+def compare(row, p0, reference, params, state, problems: list[str], notes: list[str]) -> float:
+    ref_params, ref_state, ill_conditioned = reference
+    if len(jax.tree.leaves(ref_state)) != len(jax.tree.leaves(state)):
+        problems.append("the state has another structure than on a single device")
+        return float("inf")
+    worst = 0.0
+    for label, err in leaf_errors(row, p0, ref_params, ref_state, params, state).items():
+        if label in ill_conditioned:
+            notes.append(f"{label}: not compared (error {err:.3g}); {ill_conditioned[label]}")
+            continue
+        worst = max(worst, err)
+        if err > row.golden_tol:
+            problems.append(f"{label}: error {err:.3g} > {row.golden_tol:g}")
+    return worst
+
+
+def run_single(row, names: list[str], perturbation: float = 0.0):
+    """The reference: the same steps on one device, no mesh.
+
+    With `perturbation`, each gradient entry is multiplied by ``1 + perturbation * z``
+    (``z`` standard normal, fixed seed): the rounding-sized change a different summation order
+    makes. Leaves that move by more than the tolerance under it are ill-conditioned.
+    """
+    tx = make_tx(row)
+    step = make_step(row, tx)
+    params = {n: jnp.asarray(v) for n, v in host_values(names, 0).items()}
+    state = tx.init(params)
+    rng = np.random.default_rng(7)
+    for i in range(STEPS):
+        grads = host_values(names, 100 + i)
+        if perturbation:
+            grads = {
+                n: (g * (1 + perturbation * rng.normal(size=g.shape))).astype(np.float32)
+                for n, g in grads.items()
+            }
+        params, state = step(params, state, {n: jnp.asarray(v) for n, v in grads.items()})
+    return jax.device_get(params), jax.device_get(state)
+
+
+def reference_run(row, names: list[str]):
+    """Single-device parameters and state, and the leaves that are ill-conditioned.
+
+    Some algorithms are not continuous in their inputs everywhere: SOAP's eigenbasis of the
+    rank-deficient side of a non-square gradient statistic is any basis of its null space, so
+    a rounding-sized change of the input picks another one. Such a leaf cannot be compared
+    with a sharded run (which rounds differently); it is reported, not compared.
+    """
+    params, state = run_single(row, names)
+    moved_params, moved_state = run_single(row, names, perturbation=PERTURBATION)
+    p0 = host_values(names, 0)
+    sensitivity = leaf_errors(row, p0, params, state, moved_params, moved_state)
+    ill = {
+        label: f"a relative input change of {PERTURBATION:g} moves it by {err:.3g}"
+        for label, err in sensitivity.items()
+        if err > row.golden_tol
+    }
+    return params, state, ill
+
+
+def run_sharded(row, names: list[str], mesh, reference=None) -> dict:
+    problems: list[str] = []
+    notes: list[str] = []
+    p0 = host_values(names, 0)
+    reference = reference or reference_run(row, names)
+    tx = make_tx(row)
+    step = make_step(row, tx)
+
+    def place(values):
+        return {n: jax.device_put(v, NamedSharding(mesh, LAYOUTS[n][1])) for n, v in values.items()}
+
+    with jax.set_mesh(mesh):
+        params = place(p0)
+        eager = tx.init(params)
+        checked = check_shardings(mesh, "init (eager)", params, eager, problems)
+        if mesh_kind(mesh) == "explicit":
+            # sharding is part of the type: a jitted init must keep it too (on an Auto mesh
+            # XLA chooses and replicates constants; docs/scaling.md says how to place them)
+            check_shardings(mesh, "init (jit)", params, jax.jit(tx.init)(params), problems)
+        # Start from the eager state: on an Auto mesh the jitted init is replicated, and
+        # stepping from it would compile the step twice (the state comes back sharded).
+        state = eager
+        for i in range(STEPS):
+            params, state = step(params, state, place(host_values(names, 100 + i)))
+            checked_after = check_shardings(mesh, f"step {i + 1}", params, state, problems)
+        worst = compare(row, p0, reference, params, state, problems, notes)
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "notes": notes,
+        "state_leaves_checked": checked_after,
+        "state_leaves_checked_init": checked,
+        "worst_relative_error": worst,
+        "tolerance": row.golden_tol,
+        "layouts": names,
+    }
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def run_algorithm(row, mesh) -> dict:
+    names = list(LAYOUTS)
+    try:
+        return run_sharded(row, names, mesh, reference=REFERENCES.get(row.name))
+    except Exception as exc:  # one layout at a time, to say which ones fail
+        failed = {}
+        for name in names:
+            try:
+                result = run_sharded(row, [name], mesh)
+                if not result["ok"]:
+                    failed[name] = "; ".join(result["problems"])
+            except Exception as inner:
+                failed[name] = error_text(inner)
+        return {
+            "ok": False,
+            "problems": [f"combined tree raised {error_text(exc)}"]
+            + [f"layout {n}: {msg}" for n, msg in failed.items()],
+            "failed_layouts": sorted(failed),
+            "traceback": traceback.format_exc(limit=6)[-3000:],
+        }
+
+
+def optax_muon_comparison(mesh) -> dict:
+    """optax.contrib.muon on a matrix whose contracting dimension is sharded, and ours."""
+    shape, spec = LAYOUTS["w_both"]
+    value = host_values(["w_both"], 0)["w_both"]
+    out: dict = {"layout": str(spec), "mesh": mesh_kind(mesh)}
+    with jax.set_mesh(mesh):
+        params = {"w_both": jax.device_put(value, NamedSharding(mesh, spec))}
+        candidates = {"optax.contrib.muon": optax.contrib.muon(0.02)}
+        if "muon" in registry.names():
+            candidates["rlx_optax.muon"] = make_tx(registry.get("muon"))
+        for label, tx in candidates.items():
+            try:
+                updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+                out[label] = {
+                    "raised": None,
+                    "finite": bool(jnp.all(jnp.isfinite(updates["w_both"]))),
+                    "sharding": str(updates["w_both"].sharding.spec),
+                }
+            except Exception as exc:
+                out[label] = {"raised": type(exc).__name__, "message": error_text(exc)}
+    return out
+
+
+def mesh_kind(mesh) -> str:
+    return "explicit" if AxisType.Explicit in mesh.axis_types else "auto"
+
+
+REFERENCES: dict[str, tuple] = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mesh", default="auto,explicit", help="comma-separated mesh kinds")
+    parser.add_argument("--only", default="", help="comma-separated algorithm names")
+    args = parser.parse_args()
+    if jax.device_count() != 8:
+        raise SystemExit(f"expected 8 devices, got {jax.device_count()}")
+    kinds = [k for k in args.mesh.split(",") if k]
+    only = [n for n in args.only.split(",") if n]
+    rows = [r for r in registry.ALGORITHMS if not only or r.name in only]
+    report: dict = {"devices": jax.device_count(), "steps": STEPS, "layouts": {}}
+    report["layouts"] = {n: [list(shape), str(spec)] for n, (shape, spec) in LAYOUTS.items()}
+    for row in rows:
+        try:
+            REFERENCES[row.name] = reference_run(row, list(LAYOUTS))
+        except Exception:  # the single-device run failing is reported by run_algorithm
+            pass
+    for kind in kinds:
+        mesh = make_mesh(kind)
+        report[kind] = {}
+        for row in rows:
+            start = time.perf_counter()
+            report[kind][row.name] = run_algorithm(row, mesh)
+            report[kind][row.name]["seconds"] = round(time.perf_counter() - start, 2)
+        if kind == "explicit":
+            report["muon_comparison"] = optax_muon_comparison(mesh)
+    sys.stdout.flush()
+    print("SHARDING_REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
