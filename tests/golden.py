@@ -45,6 +45,30 @@ def relative_error(traj: dict, ref: dict, init: dict) -> dict[str, float]:
     return out
 
 
+# The crate's SOAP takes its first step in the eigenbasis of the first gradient G, where G is
+# diagonal up to float32 rounding (about 1e-7 |G|). With eps = 1e-8, Adam maps that rounding
+# noise to +-1, so the crate's step-1 update of a rank-2 leaf is mostly rounding noise (RMS 0.95
+# where the exact update has RMS 0.2): it depends on the crate's Jacobi sweeps and f32
+# summation order, and no independent implementation reproduces it (a float32 transcription
+# of the crate's Jacobi was also off by 1.1 at step 1). Rank-2 SOAP is compared with the crate
+# on the noise-free block spanned by G's singular vectors instead (tests/test_soap.py), and the
+# full comparison is kept as a strict xfail so that a change in this finding is noticed.
+UNREPRODUCIBLE = (
+    "crate SOAP step 1 on rank-2 leaves is float32 rounding noise (see tests/golden.py)"
+)
+
+
+def unreproducible(case: dict, name: str) -> bool:
+    shape = next(t["shape"] for t in case["tensors"] if t["name"] == name)
+    return case["optimizer"] == "soap" and len(shape) == 2
+
+
+def split_errors(case: dict, err: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(errors of the tensors that must match, errors of the unreproducible ones)."""
+    bad = {k: v for k, v in err.items() if unreproducible(case, k)}
+    return {k: v for k, v in err.items() if k not in bad}, bad
+
+
 def replay_pure(case: dict, data: dict) -> dict[str, np.ndarray]:
     """Run the case through `registry.get(case["optimizer"]).from_crate(**hparams)`."""
     row = registry.get(case["optimizer"])

@@ -21,4 +21,21 @@ def test_pure_transform_matches_crate(case):
     row = registry.get(case["optimizer"])
     data = golden.load(case)
     err = golden.relative_error(golden.replay_pure(case, data), data["traj"], data["init"])
-    assert max(err.values()) < row.golden_tol, err
+    checked, _ = golden.split_errors(case, err)
+    assert checked and max(checked.values()) < row.golden_tol, err
+
+
+UNREPRODUCIBLE_CASES = [
+    c for c in CASES if any(golden.unreproducible(c, t["name"]) for t in c["tensors"])
+]
+
+
+@pytest.mark.xfail(strict=True, reason=golden.UNREPRODUCIBLE)
+@pytest.mark.parametrize(
+    "case", UNREPRODUCIBLE_CASES, ids=[c["case"] for c in UNREPRODUCIBLE_CASES]
+)
+def test_unreproducible_tensors_still_differ(case):
+    data = golden.load(case)
+    err = golden.relative_error(golden.replay_pure(case, data), data["traj"], data["init"])
+    _, excluded = golden.split_errors(case, err)
+    assert max(excluded.values()) < registry.get(case["optimizer"]).golden_tol, excluded

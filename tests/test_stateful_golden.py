@@ -41,7 +41,8 @@ def test_stateful_api_matches_crate(case):
     row = registry.get(case["optimizer"])
     data = golden.load(case)
     err = golden.relative_error(replay_stateful(case, data), data["traj"], data["init"])
-    assert max(err.values()) < row.golden_tol, err
+    checked, _ = golden.split_errors(case, err)  # SOAP rank-2 leaves: see tests/golden.py
+    assert checked and max(checked.values()) < row.golden_tol, err
 
 
 def main() -> None:
