@@ -253,14 +253,16 @@ def test_without_end_iteration_t_stays_one():
 
 def test_soap_basis_is_computed_for_a_tensor_first_seen_late():
     # The crate computes a tensor's eigenbasis when it was never computed, whatever the global
-    # step. A square gradient keeps both Gram matrices full rank, so the basis is well defined.
+    # step. A square gradient keeps both Gram matrices full rank, so the basis is well defined;
+    # in that basis G is diagonal up to float32 rounding, and eps = 1e-2 keeps that rounding
+    # noise from being mapped to +-1 (tests/golden.py explains the crate's eps = 1e-8 case).
     if "Soap" not in stateful.CLASSES:
         pytest.skip("soap not registered yet")
-    lr, b1, b2, sb, eps, wd = 0.01, 0.95, 0.95, 0.95, 1e-8, 0.01
+    lr, b1, b2, sb, eps, wd = 0.01, 0.95, 0.95, 0.95, 1e-2, 0.01
     rng = np.random.default_rng(7)
     w0 = rng.standard_normal((4, 4)).astype(np.float32)
     g = rng.standard_normal((4, 4)).astype(np.float32)
-    late, fresh = rlx_optax.Soap(lr), rlx_optax.Soap(lr)
+    late, fresh = rlx_optax.Soap(lr, eps=eps), rlx_optax.Soap(lr, eps=eps)
     a = np.ones(3, np.float32)
     for _ in range(2):
         late.step("a", (3,), a, np.ones(3, np.float32))
