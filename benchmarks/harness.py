@@ -18,7 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-OUT_DIR = pathlib.Path(__file__).resolve().parent / "out"
+# Where every benchmark writes its JSON; RLX_OPTAX_BENCH_OUT redirects it (the smoke tests).
+OUT_DIR = pathlib.Path(
+    os.environ.get("RLX_OPTAX_BENCH_OUT") or pathlib.Path(__file__).resolve().parent / "out"
+)
 
 
 def block(x: Any) -> Any:
@@ -79,10 +82,23 @@ def gemm_rate(n: int = 1024, dtype: Any = jnp.float32) -> float:
     return 2 * n**3 / t
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),

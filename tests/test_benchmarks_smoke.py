@@ -1,0 +1,83 @@
+"""The benchmark scripts run at tiny sizes and write well-formed JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytest.importorskip("sklearn")
+pytest.importorskip("flax")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `run.py --small` over the element-wise, memory and convergence modules."""
+    out = tmp_path_factory.mktemp("bench")
+    results = out / "RESULTS.md"
+    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(out / "json")}
+    cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
+    cmd += ["--modules", "elementwise", "memory", "convergence", "--algorithms", "adamw", "lion"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "json", results
+
+
+def test_elementwise_json(smoke):
+    data = json.loads((smoke[0] / "elementwise.json").read_text())
+    assert {"machine", "n_params", "copy_bandwidth_GBps", "results"} <= set(data)
+    rows = {r["name"]: r for r in data["results"]}
+    assert set(rows) == {"adamw", "lion"}
+    for r in rows.values():
+        assert r["ours_over_floor"] > 0 and r["ours_over_optax"] > 0
+        assert r["compiled_traffic_over_floor"] >= 1.0
+        assert r["max_rel_diff_vs_optax"] < 1e-3  # the optax peer is the same rule
+
+
+def test_memory_json(smoke):
+    data = json.loads((smoke[0] / "memory.json").read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    assert rows["adamw"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
+    assert rows["lion"]["state_bytes_per_param"] == pytest.approx(4.0, rel=1e-3)
+    assert rows["adamw"]["peak_over_params"] >= 4.0
+
+
+def test_convergence_json_and_plots(smoke):
+    data = json.loads((smoke[0] / "convergence.json").read_text())
+    assert set(data["problems"]) == {"charlm", "digits", "quadratic"}
+    for name, problem in data["problems"].items():
+        assert set(problem["results"]) == {"adamw", "lion"}
+        for r in problem["results"].values():
+            assert len(r["sweep"]) == len(problem["lr_factors"])
+            assert len(r["curve_mean"]) == problem["steps"] // problem["eval_every"] + 1
+        assert (smoke[0] / f"convergence_{name}.png").stat().st_size > 0
+
+
+def test_results_markdown(smoke):
+    text = smoke[1].read_text()
+    assert text.startswith("# Benchmark results")
+    assert "Machine:" in text and "jax" in text
+    for title in ("Element-wise", "Memory", "Convergence"):
+        assert f"## {title}" in text
+    assert "| adamw |" in text and "| lion |" in text
+    assert (smoke[1].parent / "plots" / "convergence_digits.png").is_file()
+
+
+def test_generic_renderer_keeps_ratios_only():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    text = run.render_generic(
+        {
+            "machine": {},
+            "results": [{"shape": [4, 8], "ours_s": 1.0, "ours/floor": 2.0}],
+            "batch": {"adamw": {"pure_ms": 3.0, "ratio_jax": 1.1}},
+            "note": "noisy",
+        }
+    )
+    assert "4x8" in text and "ours/floor" in text and "ratio_jax" in text and "noisy" in text
+    assert "ours_s" not in text and "pure_ms" not in text
