@@ -53,6 +53,9 @@ class Algorithm:
         algorithm needs in the contract tests (for example a Hessian estimate).
       needs_params: `update` must be given `params`.
       golden_tol: tolerance of the golden parity tests (relative to the displacement).
+      train_lr: a learning rate that trains small networks from scratch (the demo's rate and
+        the centre of the benchmarks' sweeps; measured on the char-level transformer of
+        `examples/charlm.py`). None: a tenth of `contract_lr`.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Algorithm:
     update_extra: Callable[[Any, Any], dict[str, Any]] | None = None
     needs_params: bool = True
     golden_tol: float = 1e-5
+    train_lr: float | None = None
 
     def factory_kwargs(self, **crate_hparams: Any) -> dict[str, Any]:
         """Translate crate field names (as in the golden manifest) to factory arguments."""
@@ -97,6 +101,7 @@ _ADAM_DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm(
         name="sgd",
+        train_lr=0.1,
         factory=_sgd.sgd,
         stateful="Sgd",
         crate_name="sgd",
@@ -115,6 +120,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adam",
+        train_lr=0.003,
         factory=_adam.adam,
         stateful="Adam",
         crate_name="adam",
@@ -124,6 +130,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adamw",
+        train_lr=0.003,
         factory=_adam.adamw,
         stateful="AdamW",
         crate_name="adamw",
@@ -132,6 +139,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="nadamw",
+        train_lr=0.003,
         factory=_nadamw.nadamw,
         stateful="NAdamW",
         crate_name="nadamw",
@@ -140,6 +148,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="radam",
+        train_lr=0.003,
         factory=_radam.radam,
         stateful="RAdam",
         crate_name="radam",
@@ -149,6 +158,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="qhadamw",
+        train_lr=0.003,
         factory=_qhadamw.qhadamw,
         stateful="QHAdamW",
         crate_name="qhadamw",
@@ -166,6 +176,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="lamb",
+        train_lr=0.01,
         factory=_lamb.lamb,
         stateful="Lamb",
         crate_name="lamb",
@@ -183,6 +194,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="lion",
+        train_lr=0.001,
         factory=_lion.lion,
         stateful="Lion",
         crate_name="lion",
@@ -224,6 +236,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="muon",
+        train_lr=0.003,
         factory=_muon.muon,
         stateful="Muon",
         crate_name="muon",
@@ -253,6 +266,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="soap",
+        train_lr=0.01,
         factory=_soap.soap,
         stateful="Soap",
         crate_name="soap",
@@ -357,6 +371,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="kron_psgd",
+        train_lr=0.03,
         factory=_kron_psgd.kron_psgd,
         stateful="KronPsgd",
         crate_name="kronpsgd",
