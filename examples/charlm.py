@@ -12,9 +12,11 @@ Used by `examples/demo.py`, `benchmarks/convergence.py` and the notebooks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sysconfig
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,13 +147,15 @@ def loss_fn(model: CharTransformer, batch: tuple[jax.Array, jax.Array]) -> jax.A
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-@nnx.jit
-def eval_loss(model: CharTransformer, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-    return loss_fn(model, batch)
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_loss(graphdef: Any, state: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    return loss_fn(nnx.merge(graphdef, state), batch)
 
 
 def validation_loss(model: CharTransformer, batches: list) -> float:
-    return float(np.mean([float(eval_loss(model, b)) for b in batches]))
+    """Mean loss over `batches` (one compiled forward pass, reused across calls)."""
+    graphdef, state = nnx.split(model)
+    return float(np.mean([float(_eval_loss(graphdef, state, b)) for b in batches]))
 
 
 def n_params(model: nnx.Module) -> int:
