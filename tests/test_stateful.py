@@ -119,7 +119,7 @@ BUILDER_CALLS = {
 
 @pytest.mark.parametrize("row", ROWS, ids=IDS)
 def test_builders_chain_and_set_fields(row):
-    names = stateful._BUILDERS[row.stateful]
+    names = row.crate_builders
     assert names, row.stateful
     for builder in names:
         opt = make(row)

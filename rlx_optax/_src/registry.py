@@ -70,6 +70,12 @@ class Algorithm:
     update_extra: Callable[[Any, Any], dict[str, Any]] | None = None
     needs_params: bool = True
     golden_tol: float = 1e-5
+    crate_counter: bool = False
+    crate_builders: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    crate_inert_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    lr_optional: bool = False
+    first_sight_fields: tuple[str, ...] = ()
+    stateful_methods: tuple[str, ...] = ()
     train_lr: float | None = None
 
     def factory_kwargs(self, **crate_hparams: Any) -> dict[str, Any]:
@@ -98,12 +104,18 @@ _ADAM_FIELDS = {
 _ADAM_DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
 
+_BETAS_WD = _frozen({"with_betas": ("beta1", "beta2"), "with_weight_decay": ("weight_decay",)})
+
+
 ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm(
         name="sgd",
         train_lr=0.1,
         factory=_sgd.sgd,
         stateful="Sgd",
+        crate_builders=_frozen(
+            {"with_momentum": ("momentum", "nesterov"), "with_weight_decay": ("weight_decay",)}
+        ),
         crate_name="sgd",
         crate_fields=_frozen(
             {
@@ -123,6 +135,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_adam.adam,
         stateful="Adam",
+        crate_counter=True,
+        crate_builders=_frozen({**_BETAS_WD, "with_eps": ("eps",), "with_f32_math": ("f32_math",)}),
+        crate_inert_fields=_frozen({"f32_math": False}),
         crate_name="adam",
         crate_fields=_frozen(_ADAM_FIELDS),
         crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.0}),
@@ -133,6 +148,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_adam.adamw,
         stateful="AdamW",
+        crate_counter=True,
+        crate_builders=_frozen({**_BETAS_WD, "with_eps": ("eps",), "with_f32_math": ("f32_math",)}),
+        crate_inert_fields=_frozen({"f32_math": False}),
         crate_name="adamw",
         crate_fields=_frozen(_ADAM_FIELDS),
         crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.01}),
@@ -142,6 +160,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_nadamw.nadamw,
         stateful="NAdamW",
+        crate_counter=True,
+        crate_builders=_BETAS_WD,
         crate_name="nadamw",
         crate_fields=_frozen(_ADAM_FIELDS),
         crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.01}),
@@ -151,6 +171,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_radam.radam,
         stateful="RAdam",
+        crate_counter=True,
+        crate_builders=_BETAS_WD,
         crate_name="radam",
         crate_fields=_frozen(_ADAM_FIELDS),
         crate_defaults=_frozen({**_ADAM_DEFAULTS, "weight_decay": 0.0}),
@@ -161,6 +183,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_qhadamw.qhadamw,
         stateful="QHAdamW",
+        crate_counter=True,
+        crate_builders=_frozen({**_BETAS_WD, "with_nus": ("nu1", "nu2")}),
         crate_name="qhadamw",
         crate_fields=_frozen({**_ADAM_FIELDS, "nu1": "nu1", "nu2": "nu2"}),
         crate_defaults=_frozen(
@@ -179,6 +203,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.01,
         factory=_lamb.lamb,
         stateful="Lamb",
+        crate_counter=True,
+        crate_builders=_BETAS_WD,
         crate_name="lamb",
         crate_fields=_frozen({**_ADAM_FIELDS, "bias_correction": "bias_correction"}),
         crate_defaults=_frozen(
@@ -197,6 +223,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.001,
         factory=_lion.lion,
         stateful="Lion",
+        crate_builders=_BETAS_WD,
         crate_name="lion",
         crate_fields=_frozen(
             {"lr": "learning_rate", "beta1": "b1", "beta2": "b2", "weight_decay": "weight_decay"}
@@ -208,6 +235,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         name="sophia",
         factory=_sophia.sophia,
         stateful="Sophia",
+        crate_counter=True,
+        crate_builders=_BETAS_WD,
+        stateful_methods=("update_hessian",),
         crate_name="sophia",
         crate_fields=_frozen(
             {
@@ -239,6 +269,13 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.003,
         factory=_muon.muon,
         stateful="Muon",
+        crate_builders=_frozen(
+            {
+                "with_momentum": ("momentum",),
+                "with_weight_decay": ("weight_decay",),
+                "with_ns_steps": ("ns_steps",),
+            }
+        ),
         crate_name="muon",
         crate_fields=_frozen(
             {
@@ -269,6 +306,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.01,
         factory=_soap.soap,
         stateful="Soap",
+        crate_counter=True,
+        first_sight_fields=("bases",),
+        crate_builders=_frozen({"with_weight_decay": ("weight_decay",)}),
         crate_name="soap",
         crate_fields=_frozen(
             {
@@ -307,6 +347,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         name="adafactor",
         factory=_adafactor.adafactor,
         stateful="Adafactor",
+        crate_counter=True,
+        lr_optional=True,
+        crate_builders=_frozen({"with_lr": ("lr",), "with_weight_decay": ("weight_decay",)}),
         crate_name="adafactor",
         crate_fields=_frozen(
             {
@@ -334,6 +377,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         name="mars",
         factory=_mars.mars,
         stateful="Mars",
+        crate_counter=True,
+        crate_builders=_BETAS_WD,
         crate_name="mars",
         crate_fields=_frozen(
             {
@@ -362,6 +407,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         name="stiefel",
         factory=_stiefel.stiefel,
         stateful="Stiefel",
+        crate_builders=_frozen({"with_momentum": ("momentum",)}),
         crate_name="stiefel",
         crate_fields=_frozen({"lr": "learning_rate", "momentum": "momentum"}),
         crate_defaults=_frozen({"momentum": 0.0}),
@@ -374,6 +420,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
         train_lr=0.03,
         factory=_kron_psgd.kron_psgd,
         stateful="KronPsgd",
+        crate_builders=_frozen(
+            {"with_momentum": ("momentum",), "with_weight_decay": ("weight_decay",)}
+        ),
         crate_name="kronpsgd",
         crate_fields=_frozen(
             {

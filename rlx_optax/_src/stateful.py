@@ -23,20 +23,6 @@ from rlx_optax._src import registry
 
 Array = np.ndarray | jax.Array
 
-# Crate structs whose `end_iteration` advances a shared step counter (spec section 1.3); the
-# others keep the pure transform's own per-tensor count.
-_COUNTED = frozenset(
-    {"adam", "adamw", "nadamw", "radam", "qhadamw", "lamb", "adafactor", "soap", "sophia", "mars"}
-)
-_LR_OPTIONAL = frozenset({"adafactor"})
-# State fields that the crate computes on a tensor's first step whatever the global step (SOAP's
-# eigenbasis: "never computed for this tensor"); the pure transform computes them when its
-# count is 0, so a tensor first seen late takes them from a count-0 call.
-_FIRST_SIGHT = {"soap": ("bases",)}
-# Crate fields the port accepts but that do not change what it computes.
-_INERT_FIELDS = {"adam": {"f32_math": False}, "adamw": {"f32_math": False}}
-
-
 # --------------------------------------------------------------------------- compiled steps
 
 
@@ -101,8 +87,8 @@ class _Compiled:
         self.tx = optax.inject_hyperparams(
             row.factory, static_args=tuple(static), hyperparam_dtype=jnp.float32
         )(**kwargs)
-        self.counted = row.crate_name in _COUNTED
-        self.first_sight = _FIRST_SIGHT.get(row.crate_name, ())
+        self.counted = row.crate_counter
+        self.first_sight = row.first_sight_fields
         self.traces = 0
         self.init = self.tx.init  # once per name: eager is cheaper than compiling
         # Keyed by "donate the parameters too"; the state is always donated.
@@ -207,7 +193,7 @@ class Optimizer:
         row = self.algorithm
         if row is None:
             raise TypeError("Optimizer is a base class: use Sgd, AdamW, Muon, ...")
-        if lr is None and row.crate_name not in _LR_OPTIONAL:
+        if lr is None and not row.lr_optional:
             raise TypeError(f"{type(self).__name__}() needs a learning rate `lr`")
         unknown = set(fields) - set(self._fields)
         if unknown:
@@ -237,7 +223,7 @@ class Optimizer:
             elif field in row.crate_fields and row.crate_fields[field] in sig:
                 out[field] = sig[row.crate_fields[field]].default
             else:
-                out[field] = _INERT_FIELDS[row.crate_name][field]
+                out[field] = row.crate_inert_fields[field]
         return out
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -485,82 +471,19 @@ def _write_back(param: Array, new: jax.Array) -> Array:
 # --------------------------------------------------------------------------- the classes
 
 
-def _with_betas(self, beta1: float, beta2: float):
-    """Set both moment decays (``beta1``, ``beta2``)."""
-    self.beta1, self.beta2 = beta1, beta2
-    return self
+def _builder(name: str, fields: tuple[str, ...]) -> Callable:
+    """The crate builder `name`: sets `fields` from its arguments and returns the optimizer."""
 
+    def build(self, *values):
+        if len(values) != len(fields):
+            raise TypeError(f"{name}() takes {len(fields)} arguments ({', '.join(fields)})")
+        for field, value in zip(fields, values, strict=True):
+            setattr(self, field, value)
+        return self
 
-def _with_eps(self, eps: float):
-    """Set ``eps``."""
-    self.eps = eps
-    return self
-
-
-def _with_weight_decay(self, weight_decay: float):
-    """Set ``weight_decay``."""
-    self.weight_decay = weight_decay
-    return self
-
-
-def _with_momentum(self, momentum: float):
-    """Set ``momentum``."""
-    self.momentum = momentum
-    return self
-
-
-def _with_momentum_nesterov(self, momentum: float, nesterov: bool):
-    """Set ``momentum`` and ``nesterov``."""
-    self.momentum, self.nesterov = momentum, nesterov
-    return self
-
-
-def _with_nus(self, nu1: float, nu2: float):
-    """Set the quasi-hyperbolic weights ``nu1``, ``nu2``."""
-    self.nu1, self.nu2 = nu1, nu2
-    return self
-
-
-def _with_ns_steps(self, ns_steps: int):
-    """Set the number of Newton-Schulz iterations."""
-    self.ns_steps = ns_steps
-    return self
-
-
-def _with_lr(self, lr: float):
-    """Set a manual learning rate (instead of the relative step size)."""
-    self.lr = lr
-    return self
-
-
-def _with_f32_math(self, on: bool):
-    """Accepted for the crate's API; this port always computes in float32."""
-    self.f32_math = on
-    return self
-
-
-_BETAS_WD = {"with_betas": _with_betas, "with_weight_decay": _with_weight_decay}
-_BUILDERS: dict[str, dict[str, Callable]] = {
-    "Sgd": {"with_momentum": _with_momentum_nesterov, "with_weight_decay": _with_weight_decay},
-    "Adam": {**_BETAS_WD, "with_eps": _with_eps, "with_f32_math": _with_f32_math},
-    "AdamW": {**_BETAS_WD, "with_eps": _with_eps, "with_f32_math": _with_f32_math},
-    "NAdamW": _BETAS_WD,
-    "RAdam": _BETAS_WD,
-    "QHAdamW": {**_BETAS_WD, "with_nus": _with_nus},
-    "Lamb": _BETAS_WD,
-    "Adafactor": {"with_lr": _with_lr, "with_weight_decay": _with_weight_decay},
-    "Lion": _BETAS_WD,
-    "Soap": {"with_weight_decay": _with_weight_decay},
-    "KronPsgd": {"with_momentum": _with_momentum, "with_weight_decay": _with_weight_decay},
-    "Muon": {
-        "with_momentum": _with_momentum,
-        "with_weight_decay": _with_weight_decay,
-        "with_ns_steps": _with_ns_steps,
-    },
-    "Sophia": _BETAS_WD,
-    "Mars": _BETAS_WD,
-    "Stiefel": {"with_momentum": _with_momentum},
-}
+    build.__name__ = name
+    build.__doc__ = f"Set {', '.join(f'``{f}``' for f in fields)}; returns the optimizer."
+    return build
 
 
 @functools.cache
@@ -587,13 +510,12 @@ def _update_hessian(self, name: str, h: Array, shape: Iterable[int] | None = Non
     self._slots[name] = _Slot(shape, param.dtype, new_state)
 
 
-_EXTRA_METHODS: dict[str, dict[str, Callable]] = {"Sophia": {"update_hessian": _update_hessian}}
+# Implementations of the extra methods a registry row lists in `stateful_methods`.
+_METHODS: dict[str, Callable] = {"update_hessian": _update_hessian}
 
 
 def _make_class(row: registry.Algorithm) -> type[Optimizer]:
-    fields = tuple(f for f in row.crate_fields if f != "lr") + tuple(
-        _INERT_FIELDS.get(row.crate_name, {})
-    )
+    fields = tuple(f for f in row.crate_fields if f != "lr") + tuple(row.crate_inert_fields)
     namespace: dict[str, Any] = {
         "algorithm": row,
         "_fields": fields,
@@ -605,11 +527,11 @@ def _make_class(row: registry.Algorithm) -> type[Optimizer]:
             + ", ".join(f"``{k}`` -> ``{v}``" for k, v in row.crate_fields.items())
             + ". See `rlx_optax.Optimizer` for the methods."
         ),
-        **_BUILDERS.get(row.stateful, {}),
-        **_EXTRA_METHODS.get(row.stateful, {}),
+        **{name: _builder(name, f) for name, f in row.crate_builders.items()},
+        **{name: _METHODS[name] for name in row.stateful_methods},
     }
     cls = type(row.stateful, (Optimizer,), namespace)
-    lr_default = None if row.crate_name in _LR_OPTIONAL else inspect.Parameter.empty
+    lr_default = None if row.lr_optional else inspect.Parameter.empty
     params = [
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=lr_default),
