@@ -12,6 +12,9 @@ bytes) and writes `demo_out/val_loss.png`, `demo_out/results.md` and `demo_out/r
     python examples/demo.py --list                  # what is registered
 
 Learning rates come from the registry (`Algorithm.train_lr`); `--lr NAME=VALUE` overrides.
+Each algorithm runs with its crate defaults through `rlx_optax.Trainer`; `update` gets no
+extra arguments, so Sophia keeps its initial curvature (see `benchmarks/convergence.py` for
+a run with its Hessian estimate input).
 """
 
 from __future__ import annotations
