@@ -177,6 +177,12 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
     ]
     if statuses:
         lines += ["", "Modules: " + ", ".join(f"{s['module']} {s['status']}" for s in statuses)]
+    else:
+        lines += [
+            "",
+            "Assembled (`--report-only`) from each module's latest JSON; the modules may have "
+            "run at different times and under different load.",
+        ]
     for name, (_, _, title) in MODULES.items():
         if name not in payloads:
             continue
