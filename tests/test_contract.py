@@ -225,3 +225,36 @@ def test_invalid_hyperparameters_raise(row, arg, value):
 def test_every_algorithm_validates_learning_rate():
     for row in ROWS:
         assert "learning_rate" in inspect.signature(row.factory).parameters, row.name
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_flax_nnx_optimizer_matches_pure(row):
+    """Inside `nnx.Optimizer` and `nnx.jit` (nnx hands the state back in its own containers)."""
+    from flax import nnx
+
+    model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+    params = {"kernel": model.kernel[...], "bias": model.bias[...] + 0.1}
+    model.bias[...] = params["bias"]
+    x = jax.random.normal(jax.random.key(1), (8, 6))
+    opt = nnx.Optimizer(model, make(row), wrt=nnx.Param)
+
+    def loss(m):
+        return jnp.mean((m(x) - 1.0) ** 2)
+
+    @nnx.jit
+    def step(model, opt):
+        grads = nnx.grad(loss)(model)
+        pure_params = nnx.as_pure(nnx.state(model, nnx.Param))
+        pure_grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+        opt.update(model, grads, **extra(row, pure_params, pure_grads))
+
+    tx = make(row)
+    state = tx.init(params)
+    ref = params
+    for _ in range(3):
+        step(model, opt)
+        g = jax.grad(lambda p: jnp.mean((x @ p["kernel"] + p["bias"][None, :] - 1.0) ** 2))(ref)
+        u, state = tx.update(g, state, ref, **extra(row, ref, g))
+        ref = optax.apply_updates(ref, u)
+    np.testing.assert_allclose(model.kernel[...], ref["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bias[...], ref["bias"], rtol=1e-5, atol=1e-6)
