@@ -20,10 +20,12 @@ class AdafactorState(NamedTuple):
     """State of `scale_by_adafactor`.
 
     A factored leaf of shape (..., R, C) keeps `v_row` (..., R) and `v_col` (..., C) and a
-    zero-size `v`; any other leaf keeps the full `v` and zero-size `v_row`/`v_col`. Which one a
-    leaf uses is read from these shapes in `update`, so no integer hyperparameter is needed
-    there (`optax.inject_hyperparams` works without static arguments). Statistics are float32
-    (float64 for float64 parameters).
+    one-element placeholder `v` of shape (1,); any other leaf keeps the full `v` (the
+    parameter's shape) and (1,)-shaped placeholders `v_row`/`v_col`. Which one a leaf uses is
+    read from these shapes in `update` (a factored leaf has rank >= 2, so its shape is never
+    (1,)), so no integer hyperparameter is needed there (`optax.inject_hyperparams` works
+    without static arguments). The placeholders are not zero-size because orbax refuses to
+    save zero-size arrays. Statistics are float32 (float64 for float64 parameters).
     """
 
     count: jax.Array
@@ -37,6 +39,26 @@ def _static_int(name: str, value: Any) -> int:
     if isinstance(value, jax.core.Tracer):
         raise ValueError(f"{name} must be a concrete integer when the state is created")
     return int(value)
+
+
+def _placeholder(dtype: Any) -> jax.Array:
+    """The stand-in for a statistic a leaf does not use: one zero, in a buffer of its own."""
+    return jnp.zeros((1,), dtype)
+
+
+def _saturating_reconstruction(v_row, v_col, normalization, eps):
+    r"""`reconstruct_second_moment`, with :math:`\hat V_{ij} = +\infty` where a statistic is.
+
+    A row or column statistic saturates at +inf when a square in it overflows (|g| above
+    ~1.8e19 in float32); its normaliser is then +inf too and :math:`r_i/\sum_k r_k` would be
+    inf/inf = NaN. An entry whose row or column statistic is +inf is given :math:`\hat V =
+    +\infty` instead (so a zero update, as an unfactored saturated moment gives); the other
+    entries keep the plain formula (0 under a saturated normaliser). Finite statistics give
+    the unguarded result bit for bit.
+    """
+    v_hat = reconstruct_second_moment(v_row, v_col, normalization=normalization, eps=eps)
+    saturated = jnp.isposinf(v_row)[..., :, None] | jnp.isposinf(v_col)[..., None, :]
+    return jnp.where(saturated, jnp.asarray(jnp.inf, v_hat.dtype), v_hat)
 
 
 def _is_factored(shape: tuple[int, ...], factored: str, min_dim: int) -> bool:
@@ -108,12 +130,13 @@ def scale_by_adafactor(
         def leaf(p):
             dt = common.compute_dtype(p.dtype)
             # distinct placeholder buffers: one shared array would be donated twice by a
-            # jitted step that donates the state
+            # jitted step that donates the state; (1,) rather than (0,): orbax cannot save
+            # zero-size arrays
             if _is_factored(p.shape, factored, min_dim):
                 row, col = jnp.zeros(p.shape[:-1], dt), jnp.zeros(p.shape[:-2] + p.shape[-1:], dt)
-                return row, col, jnp.zeros((0,), dt)
+                return row, col, _placeholder(dt)
             # zeros_like keeps the parameter's sharding for the full second moment
-            return jnp.zeros((0,), dt), jnp.zeros((0,), dt), jnp.zeros_like(p, dtype=dt)
+            return _placeholder(dt), _placeholder(dt), jnp.zeros_like(p, dtype=dt)
 
         v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
         mu = None if momentum is None else common.zeros_like_tree(params, jnp.float32)
@@ -133,9 +156,7 @@ def scale_by_adafactor(
                 row, col = factored_second_moment(g2)
                 v_row = beta2 * v_row + (1 - beta2) * row
                 v_col = beta2 * v_col + (1 - beta2) * col
-                v_hat = reconstruct_second_moment(
-                    v_row, v_col, normalization=factored_normalization, eps=e1
-                )
+                v_hat = _saturating_reconstruction(v_row, v_col, factored_normalization, e1)
             else:
                 v = beta2 * v + (1 - beta2) * g2
                 v_hat = v
