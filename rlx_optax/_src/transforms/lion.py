@@ -72,7 +72,11 @@ def scale_by_lion(
                 )
             else:
                 c = b1 * m32 + (1 - b1) * g32
-            return jnp.sign(c).astype(g.dtype), m_new.astype(m.dtype)
+            # sign(+-inf) is finite: a NaN/Inf gradient entry (or a moment it left non-finite)
+            # makes c non-finite; pass c through there, so that the step shows it
+            # (docs/robustness.md; optax.apply_if_finite then skips it). Same fused pass.
+            u = jnp.where(jnp.isfinite(c), jnp.sign(c), c)
+            return u.astype(g.dtype), m_new.astype(m.dtype)
 
         u, mu = common.tree_map_multi(leaf, 2, updates, state.mu)
         return u, LionState(count=optax.safe_increment(state.count), mu=mu)

@@ -108,6 +108,12 @@ def _sophia_direction(g, m, h, *, b1, gamma, rho, eps, bc1):
     m_hat = m if bc1 is None else m / bc1.astype(ct)
     ratio = m_hat / jnp.maximum(gamma_c * h.astype(ct), eps_c)
     u = jnp.clip(ratio, -rho_c, rho_c)
+    # The clip would turn an Inf gradient entry, and the Inf moment it leaves, into a finite
+    # +-rho step. A NaN/Inf gradient entry makes m non-finite (Inf or NaN), so pass a
+    # non-finite m through instead: the step shows it (docs/robustness.md) and
+    # optax.apply_if_finite can skip it. Testing m rather than g keeps this a select in the
+    # pass that already reads m (testing g made that pass read the gradient again).
+    u = jnp.where(jnp.isfinite(m), u, m)
     return u.astype(g.dtype), m, ratio
 
 
