@@ -217,3 +217,61 @@ def test_rejects_bad_arguments():
         rlx_optax.mars(0.01, non_matrix="all")
     with pytest.raises(ValueError, match="adamw_b2"):
         rlx_optax.mars(0.01, adamw_b2=1.0)
+
+
+def _donated_step(tx):
+    def step(params, state, grads):
+        u, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, u), state
+
+    return step
+
+
+@pytest.mark.parametrize("variant", ["adamw", "lion"])
+def test_stored_gradient_is_a_new_array_under_donation(variant):
+    # prev_grad must never be the caller's gradient array: with the state donated and the
+    # gradients passed in as an argument, an aliased output would hand one buffer to the next
+    # step twice (donated as state, read as gradient)
+    tx = rlx_optax.mars(0.01, gamma=0.3, variant=variant)
+    p0 = _tree(jax.random.key(14))
+    grads = _grads(4, seed=15)
+    grads[2] = grads[1]  # the same gradient arrays passed to two consecutive steps
+
+    # traced: no state output is one of the gradient inputs
+    jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(grads[0], tx.init(p0), p0).jaxpr
+    n_grads = len(jax.tree.leaves(grads[0]))
+    grad_vars = {id(v) for v in jaxpr.invars[:n_grads]}
+    assert not any(id(v) in grad_vars for v in jaxpr.outvars)
+    # eager: a buffer of its own, equal to the gradient bit for bit
+    _, state = tx.update(grads[0], tx.init(p0), p0)
+    for k, g in grads[0].items():
+        assert state[0].prev_grad[k].unsafe_buffer_pointer() != g.unsafe_buffer_pointer()
+        np.testing.assert_array_equal(state[0].prev_grad[k], g)
+
+    plain = jax.jit(_donated_step(tx))
+    donated = jax.jit(_donated_step(tx), donate_argnums=(0, 1))
+    want_p, want_s = p0, tx.init(p0)
+    got_p, got_s = jax.tree.map(jnp.copy, p0), tx.init(p0)
+    for g in grads:
+        want_p, want_s = plain(want_p, want_s, g)
+        got_p, got_s = donated(got_p, got_s, g)
+        jax.tree.map(np.testing.assert_array_equal, got_p, want_p)
+        jax.tree.map(np.testing.assert_array_equal, got_s, want_s)
+        jax.tree.map(np.testing.assert_array_equal, got_s[0].prev_grad, g)
+    assert not any(x.is_deleted() for g in grads for x in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize("clip_c", [True, False])
+@pytest.mark.parametrize("variant", ["adamw", "lion"])
+def test_donated_step_compiles_without_parameter_sized_copies(variant, clip_c):
+    # storing the (undonated) gradient used to make XLA copy the old prev_grad and then the
+    # gradient into the donated buffer: two extra passes over every matrix, each step
+    tx = rlx_optax.mars(1e-3, variant=variant, clip_c=clip_c)
+    params = {"w": jnp.ones((64, 48)), "u": jnp.ones((48, 64))}
+    grads = jax.tree.map(lambda p: 0.1 * p, params)
+    step = jax.jit(_donated_step(tx), donate_argnums=(0, 1))
+    hlo = step.lower(params, tx.init(params), grads).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    copies = [line for line in entry.splitlines() if " copy(" in line and "[64,48]" in line]
+    copies += [line for line in entry.splitlines() if " copy(" in line and "[48,64]" in line]
+    assert not copies, copies

@@ -67,6 +67,23 @@ def _corrected_gradient(g, prev, *, b1, gamma, clip_c, ct):
     return c
 
 
+def _stored_gradient(g, after):
+    r"""`g` itself, bit for bit, as a new array computed after `after` (the new moments).
+
+    The approximate variant stores the gradient as the next control variate. Returning the
+    caller's array itself would let the new state alias the gradient buffer (a jitted step
+    that donates the state, with gradients passed in as an argument, may then be handed one
+    buffer twice). And a plain copy of `g` into the donated ``prev_grad`` buffer carries no
+    ordering against the fusions that still read the old ``prev_grad`` (through :math:`c`),
+    so XLA protects the old value with a parameter-sized copy and writes the new one with a
+    second copy, both into fresh buffers. Selecting `g` under a condition on the new moments
+    (``after > inf`` is false for every value, Inf and NaN included, and XLA does not fold it)
+    makes the store depend on every reader of the old ``prev_grad``: it is written in place,
+    with no copies.
+    """
+    return jnp.where(after > jnp.inf, jnp.zeros_like(g), g)
+
+
 def scale_by_mars(
     b1: float = 0.95,
     b2: float = 0.99,
@@ -187,19 +204,25 @@ def scale_by_mars(
             if not takes_mars(g):  # the reference's AdamW for non-matrix leaves
                 u, m, v = adam_direction(g.astype(ct), m, v, adamw_b1, adamw_b2, bc1_1d, bc2_1d, ct)
                 return u.astype(g.dtype), m, v, prev
+            m_dtype, v_dtype = m.dtype, None if v is None else v.dtype
             c = _corrected_gradient(g, prev, b1=b1, gamma=gamma, clip_c=clip_c, ct=ct)
-            new_prev = None if exact else g.astype(prev.dtype)
             if variant == "adamw" or (variant == "shampoo" and g.ndim != 2):
                 u, m, v = adam_direction(c, m, v, b1, b2, bc1, bc2, ct)
-                return u.astype(g.dtype), m, v, new_prev
-            beta1 = jnp.asarray(b1, ct)
-            m = beta1 * m.astype(ct) + (1 - beta1) * c
-            if variant == "lion":
-                u = jnp.sign(m)
             else:
-                rows, cols = g.shape
-                u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs)
-                u = u * max(1.0, rows / cols) ** 0.5
+                beta1 = jnp.asarray(b1, ct)
+                m = beta1 * m.astype(ct) + (1 - beta1) * c
+                if variant == "lion":
+                    u = jnp.sign(m)
+                else:
+                    rows, cols = g.shape
+                    u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs)
+                    u = u * max(1.0, rows / cols) ** 0.5
+            new_prev = None
+            if not exact:
+                # on the moments as stored (XLA writes those anyway): the store reads them once
+                # more, instead of the two parameter-sized copies it saves
+                after = m.astype(m_dtype) if v is None else m.astype(m_dtype) + v.astype(v_dtype)
+                new_prev = _stored_gradient(g, after).astype(prev.dtype)
             return u.astype(g.dtype), m, v, new_prev
 
         u, mu, nu, prev = common.tree_map_multi(leaf, 4, updates, state.mu, state.nu, control)
