@@ -202,3 +202,24 @@ def test_ill_conditioned_quadratic_soap_and_kron_beat_adamw():
     assert adamw <= 1000  # the baseline converges: the comparison means something
     assert soap < adamw
     assert kron < adamw
+
+
+@pytest.mark.parametrize("mode", ["crate", "reference"])
+def test_huge_gradients_give_finite_factors_and_updates(mode):
+    """1e30 gradients: A A^T overflows float32; the factor step is computed scale-free.
+
+    The step is homogeneous of degree 0 in the gradient for the gradient probe, so a scaled
+    gradient must give the same factors as an ordinary one (to rounding).
+    """
+    kwargs = {} if mode == "crate" else {"factor_update": "reference", "precondition_nd": True}
+    tx = rlx_optax.scale_by_kron_psgd(**kwargs)
+    g = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4)), jnp.float32)
+    p = {"w": jnp.zeros((5, 4), jnp.float32)}
+    ordinary, huge = tx.init(p), tx.init(p)
+    for _ in range(3):
+        u_ord, ordinary = tx.update({"w": g}, ordinary)
+        u_huge, huge = tx.update({"w": g * jnp.float32(2.0**100)}, huge)  # about 1.3e30
+        assert bool(jnp.all(jnp.isfinite(u_huge["w"])))
+        for f_ord, f_huge in zip(ordinary.factors["w"], huge.factors["w"], strict=True):
+            assert bool(jnp.all(jnp.isfinite(f_huge)))
+            np.testing.assert_allclose(f_huge, f_ord, rtol=1e-5, atol=1e-6)

@@ -158,3 +158,38 @@ def test_spectral_norm_lower_bound(seed):
 
 def test_spectral_norm_lower_bound_zero():
     assert float(linalg.spectral_norm_lower_bound(jnp.zeros((3, 4)))) == 0.0
+
+
+def test_power_of_two_scale_is_exact_and_bounded():
+    x = jnp.asarray([[3.0, -0.25], [1e30, 7.0]], jnp.float32)
+    k = float(linalg.power_of_two_scale(x))
+    assert k == 2.0**100 and 1e30 / k < 2.0  # a power of two just above max|x|
+    np.testing.assert_array_equal(np.asarray(x / k) * k, np.asarray(x))  # exact round trip
+    small = jnp.asarray([0.3, -0.7], jnp.float32)
+    assert float(linalg.power_of_two_scale(small)) == 1.0
+    assert float(linalg.power_of_two_scale(small * 1e-20)) < 1e-19  # scales up by default
+    assert float(linalg.power_of_two_scale(small * 1e-20, at_least_one=True)) == 1.0
+    assert float(linalg.power_of_two_scale(jnp.zeros(3))) == 1.0
+    assert float(linalg.power_of_two_scale(jnp.asarray([3e38, -3e38]))) == 2.0**126
+
+
+@pytest.mark.parametrize("scale", [1e30, 3e38])
+def test_eigenbasis_and_qr_refresh_of_huge_statistics(scale):
+    """Statistics near the top of the float32 range (a held SOAP statistic): finite, same basis.
+
+    Before scaling, `s + s.T` and eigh's norms overflowed to inf and the basis was NaN.
+    """
+    s, _ = _spd(6, 3)
+    s = s / np.max(np.abs(s))  # max-abs 1: `s * scale` is finite
+    small = jnp.asarray(s, jnp.float32)
+    big = small * jnp.float32(scale)
+    q_small, q_big = linalg.symmetric_eigenbasis(small), linalg.symmetric_eigenbasis(big)
+    assert bool(jnp.all(jnp.isfinite(q_big)))
+    # same eigenvectors up to sign (the eigenvalues are distinct)
+    np.testing.assert_allclose(np.abs(np.asarray(q_big.T @ q_small)), np.eye(6), atol=1e-4)
+    q0 = jnp.asarray(np.linalg.qr(np.random.default_rng(1).normal(size=(6, 6)))[0], jnp.float32)
+    new_small, order_small = linalg.qr_refresh(small, q0)
+    new_big, order_big = linalg.qr_refresh(big, q0)
+    assert bool(jnp.all(jnp.isfinite(new_big)))
+    np.testing.assert_array_equal(order_big, order_small)
+    np.testing.assert_allclose(new_big, new_small, atol=1e-5)

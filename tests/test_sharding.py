@@ -53,6 +53,18 @@ def test_sharded_matches_single_device(report, kind, name):
     assert result["state_leaves_checked"] == result["state_leaves_checked_init"]
 
 
+@pytest.mark.parametrize(
+    "variant", ["soap:rotated", "soap:reference", "kron_psgd:reference_diagonal"]
+)
+def test_matrix_family_options_on_explicit_mesh(report, variant):
+    """SOAP rotating every axis (Gram, rotation, QR refresh with its permuted second moment)
+    and Kron with the reference's diagonal factors, on an Explicit mesh."""
+    result = report["variants"][variant]
+    detail = "\n".join(result["problems"]) + "\n" + result.get("traceback", "")
+    assert result["ok"], f"{variant}:\n{detail}"
+    assert result["state_leaves_checked"] == result["state_leaves_checked_init"]
+
+
 def test_every_layout_was_run(report):
     layouts = report["layouts"]
     specs = {name: spec for name, (shape, spec) in layouts.items()}

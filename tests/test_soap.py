@@ -199,3 +199,34 @@ def test_invalid_options():
         rlx_optax.soap(1e-3, shampoo_beta=1.0)
     with pytest.raises(ValueError, match="merge_dims"):
         rlx_optax.soap(1e-3, merge_dims=True)
+
+
+def test_statistics_are_the_plain_ema_for_ordinary_gradients_and_finite_for_huge_ones():
+    """Gram statistics are accumulated on a power-of-two-scaled gradient (no overflow).
+
+    For ordinary gradients that is the plain `b L + (1 - b) G G^T` bit for bit; for a 1e30
+    gradient (whose G G^T overflows float32 to +-inf, then NaN) the statistics stay finite, with
+    the direction of the exact statistic, and the update is finite.
+    """
+    tx = rlx_optax.scale_by_soap(shampoo_beta=0.9)
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.zeros((5, 3), jnp.float32)}
+    state = tx.init(p)
+    left = np.zeros((5, 5), np.float32)
+    for i, scale in enumerate((1.0, 37.0, 3e-3)):
+        g = jnp.asarray(scale * rng.normal(size=(5, 3)), jnp.float32)
+        _, state = tx.update({"w": g}, state)
+        gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
+        left = np.float32(0.9) * left + (1 - np.float32(0.9)) * np.asarray(gram)
+        np.testing.assert_array_equal(state.stats["w"][0], left, err_msg=f"step {i}")
+    g = jnp.asarray(1e30 * np.sign(rng.normal(size=(5, 3))), jnp.float32)
+    u, huge = tx.update({"w": g}, state)
+    stat = np.asarray(huge.stats["w"][0], np.float64)
+    assert np.all(np.isfinite(stat)) and np.all(np.isfinite(np.asarray(huge.bases["w"][0])))
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+    exact = 0.9 * np.asarray(left, np.float64) + 0.1 * (
+        np.asarray(g, np.float64) @ np.asarray(g, np.float64).T
+    )
+    np.testing.assert_allclose(
+        stat / np.max(np.abs(stat)), exact / np.max(np.abs(exact)), atol=1e-6
+    )

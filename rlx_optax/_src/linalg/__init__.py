@@ -1,5 +1,7 @@
 from rlx_optax._src.linalg.eigen import apply_along_axes as apply_along_axes
 from rlx_optax._src.linalg.eigen import axis_gram as axis_gram
+from rlx_optax._src.linalg.eigen import permute_axis as permute_axis
+from rlx_optax._src.linalg.eigen import power_of_two_scale as power_of_two_scale
 from rlx_optax._src.linalg.eigen import qr_refresh as qr_refresh
 from rlx_optax._src.linalg.eigen import symmetric_eigenbasis as symmetric_eigenbasis
 from rlx_optax._src.linalg.factored import factored_second_moment as factored_second_moment

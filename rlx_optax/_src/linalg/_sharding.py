@@ -25,3 +25,40 @@ def explicit_shardings(x: jax.Array) -> tuple[Any, Any]:
     if not explicit or all(s is None for s in sharding.spec):
         return None, None
     return NamedSharding(mesh, PartitionSpec()), sharding
+
+
+def unshard_axis(x: jax.Array, axis: int) -> tuple[jax.Array, Any]:
+    """`x` resharded so that `axis` is not split, and the sharding to give the result back.
+
+    On a mesh with Explicit axes an operation that contracts `axis` (a triangular solve) needs
+    it whole on every device; the other axes keep their sharding. Returns ``(x, None)`` when
+    `x` is not on an explicit mesh or `axis` is already unsharded (an Auto mesh is left to the
+    compiler's propagation).
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return x, None
+    mesh = sharding.mesh
+    if not any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
+        return x, None
+    spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+    if spec[axis] is None:
+        return x, None
+    spec[axis] = None
+    return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*spec))), sharding
+
+
+def like_explicit(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` resharded like `like` when `like` lives on a mesh with Explicit axes, else `x`.
+
+    Keeps a loop carry or `lax.cond` branch output in the layout of its input (the branches of
+    a `lax.cond` must agree on their output types, sharding included, on explicit meshes).
+    """
+    sharding = getattr(jax.typeof(like), "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return x
+    if not any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types):
+        return x
+    if getattr(jax.typeof(x), "sharding", None) == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)

@@ -20,9 +20,36 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg._sharding import explicit_shardings, unshard_axis
+
 Precision = jax.lax.Precision | None
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def power_of_two_scale(x: jax.Array, *, at_least_one: bool = False) -> jax.Array:
+    r"""A power of two :math:`2^e` just above :math:`\max|x|`, to rescale `x` exactly.
+
+    Dividing by a power of two is exact in floating point (away from the subnormal range), so
+    ``f(x / k) * k**p`` equals ``f(x)`` bit for bit for a homogeneous ``f`` of degree ``p``
+    (a product, a Gram matrix, a norm) while its intermediate results cannot overflow:
+    :math:`\max|x/k| < 2` (< 4 above 2^126).
+
+    Args:
+      x: array of any shape.
+      at_least_one: never scale up (return 1 for :math:`\max|x| < 1`), so small inputs are
+        computed exactly as without the scale.
+
+    Returns:
+      A scalar of dtype float32 or wider: :math:`2^e` with ``e`` in [-126, 126] (0 to 126 with
+      `at_least_one`); 1 for a zero `x`, and for a non-finite `x` (whose NaN or Inf then shows
+      in the result as it would without the scale).
+    """
+    ct = jnp.promote_types(x.dtype, jnp.float32)
+    _, e = jnp.frexp(jnp.max(jnp.abs(x)).astype(ct))  # max|x| = m 2^e, 0.5 <= m < 1
+    # 2^126 at most: XLA may divide by multiplying with the reciprocal, and 2^-127 is subnormal
+    e = jnp.clip(e, 0 if at_least_one else -126, 126)
+    return jnp.ldexp(jnp.ones([], ct), e)
 
 
 def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
@@ -36,10 +63,13 @@ def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
       ``q`` of shape (n, n) with :math:`s = q\,\mathrm{diag}(\lambda)\,q^\top` and
       :math:`\lambda_0 \ge \lambda_1 \ge \dots`. Eigenvectors of repeated eigenvalues are any
       orthonormal basis of their eigenspace; signs are not normalised. A zero matrix gives an
-      orthonormal basis (the identity with XLA's ``eigh``), never NaN.
+      orthonormal basis (the identity with XLA's ``eigh``), never NaN. `s` is divided by a power
+      of two near its largest entry first (exact, and the eigenvectors do not depend on the
+      scale), so any finite `s`, up to the largest float, gives a finite basis.
     """
     ct = jnp.promote_types(s.dtype, jnp.float32)
     s = s.astype(ct)
+    s = s / power_of_two_scale(s)  # exact; `s + s.T` and eigh's norms cannot overflow
     _, q = jnp.linalg.eigh(0.5 * (s + s.T))
     return q[:, ::-1]  # eigh sorts ascending
 
@@ -64,10 +94,13 @@ def qr_refresh(
 
     Returns:
       ``(q_new, order)``: the refreshed basis (n, n) and the permutation ``order`` (n,) int32
-      applied to the previous columns before the QR step. Finite for a zero `s`.
+      applied to the previous columns before the QR step. Finite for a zero `s` and for any
+      finite `s` (it is divided by a power of two near its largest entry first, which changes
+      neither the order nor the basis).
     """
     ct = jnp.promote_types(s.dtype, jnp.float32)
     s, q = s.astype(ct), q.astype(ct)
+    s = s / power_of_two_scale(s)  # exact, scale-free result; `s q` cannot overflow
     sq = jnp.matmul(s, q, precision=precision)
     estimated = jnp.sum(q * sq, axis=0)  # diag(q^T s q) without forming q^T s q
     order = jnp.argsort(-estimated).astype(jnp.int32)
@@ -109,13 +142,26 @@ def apply_along_axes(
             continue
         if transpose:
             m = m.T
+        _, x_sharding = explicit_shardings(x)  # the product keeps the layout of `x`
         if x.ndim == 2 and axis == 0:
-            x = jnp.matmul(m, x, precision=precision)
+            x = jnp.matmul(m, x, precision=precision, out_sharding=x_sharding)
         elif x.ndim == 2:
-            x = jnp.matmul(x, m.T, precision=precision)
+            x = jnp.matmul(x, m.T, precision=precision, out_sharding=x_sharding)
         else:
-            x = jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis), precision=precision), 0, axis)
+            moved = _moved_to_front(x_sharding, axis)
+            y = jnp.tensordot(m, x, axes=(1, axis), precision=precision, out_sharding=moved)
+            x = jnp.moveaxis(y, 0, axis)
     return x
+
+
+def _moved_to_front(sharding, axis: int):
+    """`sharding` with the entry of `axis` moved first (the layout of ``moveaxis(., axis, 0)``)."""
+    if sharding is None:
+        return None
+    spec = list(sharding.spec)
+    spec += [None] * (axis + 1 - len(spec))
+    spec.insert(0, spec.pop(axis))
+    return sharding.update(spec=jax.sharding.PartitionSpec(*spec))
 
 
 def axis_gram(x: jax.Array, axis: int, *, precision: Precision = HIGHEST) -> jax.Array:
@@ -131,9 +177,29 @@ def axis_gram(x: jax.Array, axis: int, *, precision: Precision = HIGHEST) -> jax
     Returns:
       Array of shape (x.shape[axis], x.shape[axis]).
     """
+    replicated, _ = explicit_shardings(x)  # on an explicit mesh the (d, d) result is replicated
     if x.ndim == 2:
         if axis == 0:
-            return jnp.matmul(x, x.T, precision=precision)
-        return jnp.matmul(x.T, x, precision=precision)
+            return jnp.matmul(x, x.T, precision=precision, out_sharding=replicated)
+        return jnp.matmul(x.T, x, precision=precision, out_sharding=replicated)
     others = [a for a in range(x.ndim) if a != axis]
-    return jnp.tensordot(x, x, axes=(others, others), precision=precision)
+    return jnp.tensordot(x, x, axes=(others, others), precision=precision, out_sharding=replicated)
+
+
+def permute_axis(x: jax.Array, order: jax.Array, axis: int) -> jax.Array:
+    """``jnp.take(x, order, axis)``: reorder the entries of `x` along one axis.
+
+    On an explicit mesh the gather needs `axis` whole on every device: `x` is resharded to
+    that layout and the result given back in the layout of `x`.
+
+    Args:
+      x: array of any rank.
+      order: integer array of shape (x.shape[axis],), a permutation.
+      axis: the permuted axis.
+
+    Returns:
+      An array of the shape, dtype (and explicit sharding) of `x`.
+    """
+    x, sharding = unshard_axis(x, axis)
+    out = jnp.take(x, order, axis=axis)
+    return out if sharding is None else jax.sharding.reshard(out, sharding)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg._sharding import explicit_shardings, like_explicit, unshard_axis
+
 Precision = jax.lax.Precision | None
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -36,13 +38,24 @@ def solve_upper_triangular(
       b: array of shape (n, k) when ``left`` else (k, n).
       transpose: solve with :math:`q^\top` (lower triangular) instead of :math:`q`.
 
+    Under explicit sharding (``jax.make_mesh(..., axis_types=Explicit)``) the solve needs the
+    contracting axis of `b` (its rows when ``left``, else its columns) whole on every device:
+    `b` is resharded to that layout (its other axis keeps its sharding), `q` is replicated, and
+    the solution is given back sharded like `b`. On other meshes the compiler chooses.
+
     Returns:
-      The solution, shaped like `b`, in the promoted float dtype (float32 at least).
+      The solution, shaped and (on an explicit mesh) sharded like `b`, in the promoted float
+      dtype (float32 at least).
     """
     ct = jnp.promote_types(jnp.promote_types(q.dtype, b.dtype), jnp.float32)
-    return jax.lax.linalg.triangular_solve(
+    q_replicated, _ = explicit_shardings(q)
+    if q_replicated is not None:
+        q = jax.sharding.reshard(q, q_replicated)
+    b, b_sharding = unshard_axis(b, 0 if left else 1)
+    out = jax.lax.linalg.triangular_solve(
         q.astype(ct), b.astype(ct), left_side=left, lower=False, transpose_a=transpose
     )
+    return out if b_sharding is None else jax.sharding.reshard(out, b_sharding)
 
 
 def lie_group_factor_step(
@@ -71,16 +84,17 @@ def lie_group_factor_step(
       precision: matmul precision.
 
     Returns:
-      The new factor, shaped like `q`.
+      The new factor, shaped like `q` (and, on an explicit mesh, sharded like it).
     """
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     if q.ndim == 1:
-        return q - step * m * q
-    tri = jnp.triu(m)
-    if side == "right":
-        return q - step * jnp.matmul(q, tri, precision=precision)
-    return q - step * jnp.matmul(tri, q, precision=precision)
+        new = q - step * m * q
+    elif side == "right":
+        new = q - step * jnp.matmul(q, jnp.triu(m), precision=precision)
+    else:
+        new = q - step * jnp.matmul(jnp.triu(m), q, precision=precision)
+    return like_explicit(new, q)  # `m` may come sharded (a sum over a sharded axis)
 
 
 def spectral_norm_lower_bound(a: jax.Array, *, precision: Precision = HIGHEST) -> jax.Array:

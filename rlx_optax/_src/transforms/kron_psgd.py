@@ -61,24 +61,40 @@ def _axis_terms(a: jax.Array, axis: int, diagonal: bool) -> jax.Array:
 def _update_factors(
     factors: tuple, g: jax.Array, v: jax.Array, precond_lr: float, eps: float, crate: bool
 ) -> tuple:
-    """One Lie-group step of every factor from the probe pair (g, v)."""
+    """One Lie-group step of every factor from the probe pair (g, v).
+
+    The step is homogeneous of degree 0 in the pair: with a power of two `k` above max|a|,
+    max|b| (1 when both are below 1), ``M / k^2`` with its normaliser divided by ``k^2`` gives
+    the same step bit for bit, and its Gram products cannot overflow (a gradient above about
+    1e19 would otherwise give +-inf and NaN).
+    """
     a = linalg.apply_along_axes(g, list(factors), precision=_HIGHEST)
     b = v
     for axis, q in enumerate(factors):
         b = _solve_along(b, q.astype(b.dtype), axis)
+    k = jnp.maximum(
+        linalg.power_of_two_scale(a, at_least_one=True),
+        linalg.power_of_two_scale(b, at_least_one=True),
+    )
+    a, b = a / k, b / k
     new = []
     for axis, q in enumerate(factors):
         diagonal = q.ndim == 1
         t1, t2 = _axis_terms(a, axis, diagonal), _axis_terms(b, axis, diagonal)
-        m = (t1 - t2).astype(jnp.float32)
+        m = (t1 - t2).astype(jnp.float32)  # M / k^2
+        k32 = k.astype(jnp.float32)
+        # the floors divided by k^2 too (`tiny` keeps them above 0 where k^2 would underflow
+        # them; then M is 0 or the floor is far below rounding: the step is unchanged)
+        tiny = jnp.finfo(jnp.float32).tiny
         if crate:  # normalised by the Frobenius norm of the whole difference
-            step = precond_lr / (jnp.sqrt(jnp.sum(m * m)) + eps)
+            norm = jnp.sqrt(jnp.sum(m * m)) + eps / k32 / k32
             side = "right"
         else:  # Li's normalisation: a lower bound of the spectral norm of t1 + t2
             s = (t1 + t2).astype(jnp.float32)
             bound = jnp.max(jnp.abs(s)) if diagonal else linalg.spectral_norm_lower_bound(s)
-            step = precond_lr / (bound + jnp.finfo(jnp.float32).tiny)
+            norm = bound + tiny / k32 / k32
             side = "left"
+        step = precond_lr / jnp.maximum(norm, tiny)
         new.append(linalg.lie_group_factor_step(q, m, step, side=side, precision=_HIGHEST))
     return tuple(new)
 
@@ -218,7 +234,8 @@ def scale_by_kron_psgd(
             if probe == "random":
                 v = jax.random.normal(leaf_keys.pop(0), g.shape, ct)
                 damp = jnp.sqrt(jnp.finfo(jnp.float32).eps).astype(ct)
-                g_probe = g32 + damp * jnp.mean(jnp.abs(g32)) * v
+                k = linalg.power_of_two_scale(g32, at_least_one=True)  # exact; no overflow
+                g_probe = g32 + damp * (jnp.mean(jnp.abs(g32) / k) * k) * v
             else:
                 g_probe, v = g32, g32
             factors = jax.lax.cond(
@@ -232,7 +249,8 @@ def scale_by_kron_psgd(
                 mx = jnp.max(jnp.abs(p))
                 p = p * jnp.where(mx > clip, clip / jnp.where(mx > 0, mx, 1.0), 1.0)
             else:
-                rms = jnp.sqrt(jnp.mean(p * p))
+                k = linalg.power_of_two_scale(p, at_least_one=True)  # exact; no overflow
+                rms = jnp.sqrt(jnp.mean((p / k) * (p / k))) * k
                 p = p / jnp.maximum(1.0, rms / clip)
             return p.astype(g.dtype), factors
 

@@ -74,6 +74,27 @@ def _rotate(x: jax.Array, bases: tuple, *, back: bool) -> jax.Array:
     return linalg.apply_along_axes(x, mats, transpose=not back, precision=_HIGHEST)
 
 
+#: Where a statistic whose exact value exceeds the float32 range is held (about 1.3e36).
+_STAT_CEILING = 2.0**120
+
+
+def _ema_gram(s: jax.Array, g: jax.Array, k: jax.Array, axis: int, beta: float) -> jax.Array:
+    r"""`beta s + (1 - beta) gram(g)` computed on `g / k` (k a power of two >= max|g| or 1).
+
+    The scaled sum equals the plain one bit for bit (powers of two scale exactly), but its
+    products cannot overflow: a gradient above about 1e19 would otherwise give a Gram matrix
+    of +-inf and NaN (inf - inf). Where the exact result exceeds float32, it is held at
+    `_STAT_CEILING` in max-abs (the direction of the statistic, all its eigenbasis depends on,
+    is kept; exact arithmetic would be dominated by the huge gradient alike).
+    """
+    b = jnp.float32(beta)
+    inner = b * (s / k / k) + (1 - b) * linalg.axis_gram(g / k, axis, precision=_HIGHEST)
+    full = inner * k * k
+    peak = jnp.max(jnp.abs(inner))
+    held = inner * (_STAT_CEILING / jnp.where(peak > 0, peak, 1.0))
+    return jnp.where(jnp.isfinite(jnp.max(jnp.abs(full))) | ~jnp.isfinite(peak), full, held)
+
+
 def _refresh(
     stats: tuple, bases: tuple, mu: jax.Array, nu: jax.Array, first: jax.Array, cfg: dict
 ) -> tuple[tuple, jax.Array, jax.Array]:
@@ -93,7 +114,7 @@ def _refresh(
                 continue
             q, order = linalg.qr_refresh(s, q, precision=_HIGHEST)
             new.append(q)
-            v = jnp.take(v, order, axis=axis)  # v follows its re-sorted columns
+            v = linalg.permute_axis(v, order, axis)  # v follows its re-sorted columns
         return tuple(new), v
 
     if cfg["refresh"] == "eigh":
@@ -203,7 +224,10 @@ def scale_by_soap(
             jnp.eye(d, dtype=jnp.float32) if a else None for d, a in zip(shape, active, strict=True)
         )
         zeros = tuple(None if e is None else jnp.zeros_like(e) for e in eyes)
-        mu = jnp.zeros(shape, mu_dtype or p.dtype)
+        if shape == p.shape:  # the moments mirror the parameter: same layout on a mesh
+            mu = jnp.zeros_like(p, dtype=mu_dtype or p.dtype)
+            return mu, jnp.zeros_like(p), zeros, eyes
+        mu = jnp.zeros(shape, mu_dtype or p.dtype)  # merged axes: a shape of their own
         return mu, jnp.zeros(shape, p.dtype), zeros, eyes
 
     def init_fn(params):
@@ -226,11 +250,10 @@ def scale_by_soap(
             gw = g.astype(ct).reshape(mw.shape)
 
             def accumulate(stats):
-                g32, s32 = gw.astype(jnp.float32), jnp.float32(beta_s)
+                g32 = gw.astype(jnp.float32)
+                k = linalg.power_of_two_scale(g32, at_least_one=True)
                 return tuple(
-                    None
-                    if s is None
-                    else s32 * s + (1 - s32) * linalg.axis_gram(g32, axis, precision=_HIGHEST)
+                    None if s is None else _ema_gram(s, g32, k, axis, beta_s)
                     for axis, s in enumerate(stats)
                 )
 
