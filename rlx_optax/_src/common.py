@@ -127,6 +127,19 @@ def tree_map_multi(fn: Callable[..., tuple], n_out: int, tree: Any, *rest: Any) 
     return tuple(treedef.unflatten(o) for o in outs)
 
 
+def as_tuple(container: Any) -> tuple | None:
+    """A per-leaf tuple of state arrays, however a framework hands it back.
+
+    `flax.nnx.Optimizer` returns tuples nested in the optimizer state as mappings with keys
+    0..n-1; transforms that keep a tuple per leaf (one factor per axis) read them through this.
+    """
+    if container is None or isinstance(container, tuple):
+        return container
+    if hasattr(container, "keys"):
+        return tuple(container[k] for k in sorted(container.keys()))
+    return tuple(container)
+
+
 # --------------------------------------------------------------------------- decay and chain
 
 

@@ -229,6 +229,7 @@ def scale_by_kron_psgd(
         def leaf(g, factors):
             if factors is None:
                 return g, None
+            factors = common.as_tuple(factors)
             ct = common.compute_dtype(g.dtype)
             g32 = g.astype(ct)
             if probe == "random":

@@ -244,6 +244,7 @@ def scale_by_soap(
         bc2 = common.bias_correction(beta2, t)
 
         def leaf(g, mw, vw, stats, bases):
+            stats, bases = common.as_tuple(stats), common.as_tuple(bases)
             active = tuple(s is not None for s in stats)
             ct = common.compute_dtype(g.dtype)
             b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
