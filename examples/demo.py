@@ -147,7 +147,7 @@ def plot(results: list[dict[str, Any]], target: float, path: pathlib.Path) -> No
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS))
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--eval-batches", type=int, default=4)
