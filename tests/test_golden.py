@@ -7,6 +7,8 @@ import pytest
 from rlx_optax._src import registry
 from tests import golden
 
+pytestmark = pytest.mark.skipif(golden.GOLDEN_DIR is None, reason=golden.MISSING)
+
 _KNOWN = {a.crate_name for a in registry.ALGORITHMS}
 CASES = [c for c in golden.manifest() if c["optimizer"] in _KNOWN]
 
