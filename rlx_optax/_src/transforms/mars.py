@@ -16,6 +16,7 @@ import optax
 
 from rlx_optax._src import common
 from rlx_optax._src.linalg.newton_schulz import DEFAULT_NS_COEFFS, newton_schulz
+from rlx_optax._src.transforms import _moments
 
 _VARIANTS = ("adamw", "lion", "shampoo")
 _NON_MATRIX = ("mars", "adamw")
@@ -193,21 +194,19 @@ def scale_by_mars(
         bc1_1d = common.bias_correction(adamw_b1, count)
         bc2_1d = common.bias_correction(adamw_b2, count)
 
-        def adam_direction(x, m, v, beta1, beta2, c1, c2, ct):
-            beta1, beta2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            m = beta1 * m.astype(ct) + (1 - beta1) * x
-            v = beta2 * v.astype(ct) + (1 - beta2) * x * x
-            return (m / c1) / (jnp.sqrt(v / c2) + jnp.asarray(eps, ct)), m, v
+        def adam_direction(x, m, v, beta1, beta2, c1, c2):
+            x, m, v = _moments.update_moments(x, m, v, beta1, beta2)
+            return (m / c1) / (jnp.sqrt(v / c2) + jnp.asarray(eps, x.dtype)), m, v
 
         def leaf(g, m, v, prev):
             ct = common.compute_dtype(g.dtype)
             if not takes_mars(g):  # the reference's AdamW for non-matrix leaves
-                u, m, v = adam_direction(g.astype(ct), m, v, adamw_b1, adamw_b2, bc1_1d, bc2_1d, ct)
+                u, m, v = adam_direction(g.astype(ct), m, v, adamw_b1, adamw_b2, bc1_1d, bc2_1d)
                 return u.astype(g.dtype), m, v, prev
             m_dtype, v_dtype = m.dtype, None if v is None else v.dtype
             c = _corrected_gradient(g, prev, b1=b1, gamma=gamma, clip_c=clip_c, ct=ct)
             if variant == "adamw" or (variant == "shampoo" and g.ndim != 2):
-                u, m, v = adam_direction(c, m, v, b1, b2, bc1, bc2, ct)
+                u, m, v = adam_direction(c, m, v, b1, b2, bc1, bc2)
             else:
                 beta1 = jnp.asarray(b1, ct)
                 m = beta1 * m.astype(ct) + (1 - beta1) * c
