@@ -42,4 +42,24 @@ def least_squares():
     return loss, init
 
 
+def mixed_params(seed: int = 0, conv: tuple[int, ...] = (3, 3, 4, 8)) -> dict[str, np.ndarray]:
+    """The golden files' layout: a tall and a wide matrix, a vector and a rank-4 kernel."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.normal(size=(24, 16)).astype(np.float32),
+        "u": rng.normal(size=(16, 40)).astype(np.float32),
+        "b": rng.normal(size=(16,)).astype(np.float32),
+        "k": rng.normal(size=conv).astype(np.float32),
+    }
+
+
+def random_grads(params: dict, n: int, seed: int = 1, scale: float = 1.0) -> list[dict]:
+    """`n` float32 normal gradients shaped like `params`, times `scale`."""
+    rng = np.random.default_rng(seed)
+    return [
+        {k: (scale * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
+        for _ in range(n)
+    ]
+
+
 PROBLEMS = {"quadratic": quadratic, "least_squares": least_squares}

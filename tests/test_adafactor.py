@@ -10,24 +10,15 @@ import optax
 import pytest
 
 import rlx_optax
+from tests import problems
 
 
 def _tree(seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "w": rng.normal(size=(24, 16)).astype(np.float32),
-        "u": rng.normal(size=(16, 40)).astype(np.float32),
-        "b": rng.normal(size=(16,)).astype(np.float32),
-        "k": rng.normal(size=(3, 5, 4, 8)).astype(np.float32),
-    }
+    return problems.mixed_params(seed, conv=(3, 5, 4, 8))
 
 
 def _grads(params, n, seed=1):
-    rng = np.random.default_rng(seed)
-    return [
-        {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
-        for _ in range(n)
-    ]
+    return problems.random_grads(params, n, seed, scale=0.1)
 
 
 def adafactor64(params, seq, lr=None, wd=0.0, *, d=1.0, factored="rank2", min_dim=1,

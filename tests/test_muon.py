@@ -10,26 +10,17 @@ import optax
 import pytest
 
 import rlx_optax
+from tests import problems
 
 STEPS = 4
 
 
 def _tree(seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "w": rng.normal(size=(24, 16)).astype(np.float32),
-        "u": rng.normal(size=(16, 40)).astype(np.float32),
-        "b": rng.normal(size=(16,)).astype(np.float32),
-        "k": rng.normal(size=(3, 3, 4, 8)).astype(np.float32),
-    }
+    return problems.mixed_params(seed)
 
 
 def _grads(params, n, seed=1):
-    rng = np.random.default_rng(seed)
-    return [
-        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-        for _ in range(n)
-    ]
+    return problems.random_grads(params, n, seed)
 
 
 def ns64(x, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
