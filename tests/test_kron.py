@@ -223,3 +223,25 @@ def test_huge_gradients_give_finite_factors_and_updates(mode):
         for f_ord, f_huge in zip(ordinary.factors["w"], huge.factors["w"], strict=True):
             assert bool(jnp.all(jnp.isfinite(f_huge)))
             np.testing.assert_allclose(f_huge, f_ord, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (5, 5), (4, 9), (9, 4)])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_crate_gradient_probe_leaves_the_factors_exactly_the_identity(shape, jit):
+    """With the gradient as its own probe the crate computes A and B bit for bit equal from
+    Q = I, so M = AA^T - BB^T is exactly 0 and the factors never move. Ours must agree on
+    every shape and compilation: the update is then the crate's clipped gradient."""
+    tx = rlx_optax.scale_by_kron_psgd()
+    rng = np.random.default_rng(sum(shape))
+    params = {"w": jnp.zeros(shape, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for _ in range(4):
+        g = rng.normal(size=shape).astype(np.float32) * 3.0
+        updates, state = update({"w": jnp.asarray(g)}, state)
+        for q, d in zip(state.factors["w"], shape, strict=True):
+            identity = np.eye(d) if d > 1 else np.ones(1)  # a length-1 axis: a diagonal factor
+            assert np.array_equal(np.asarray(q), identity.astype(np.float32))
+        # float64 oracle: P = I, so the update is g clipped to max-abs 1
+        want = g.astype(np.float64) * min(1.0, 1.0 / np.max(np.abs(g.astype(np.float64))))
+        np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=2e-7, atol=0)

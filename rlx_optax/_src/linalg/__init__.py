@@ -1,4 +1,7 @@
+from rlx_optax._src.linalg._precision import check_precision as check_precision
+from rlx_optax._src.linalg._precision import resolve_precision as resolve_precision
 from rlx_optax._src.linalg.eigen import apply_along_axes as apply_along_axes
+from rlx_optax._src.linalg.eigen import axis_cross_gram as axis_cross_gram
 from rlx_optax._src.linalg.eigen import axis_gram as axis_gram
 from rlx_optax._src.linalg.eigen import permute_axis as permute_axis
 from rlx_optax._src.linalg.eigen import power_of_two_scale as power_of_two_scale

@@ -186,6 +186,30 @@ def axis_gram(x: jax.Array, axis: int, *, precision: Precision = HIGHEST) -> jax
     return jnp.tensordot(x, x, axes=(others, others), precision=precision, out_sharding=replicated)
 
 
+def axis_cross_gram(
+    x: jax.Array, y: jax.Array, axis: int, *, precision: Precision = HIGHEST
+) -> jax.Array:
+    r"""The symmetrised cross Gram matrix of `x` and `y` along one axis.
+
+    For matrices and axis 0, :math:`\tfrac12(x y^\top + y x^\top)`; with ``d = a - b``,
+    ``s = a + b`` it equals :math:`a a^\top - b b^\top` in exact arithmetic, but it is exactly
+    zero whenever ``a == b`` (``d`` is then exactly zero) and it does not subtract two rounded
+    products of similar size.
+
+    Args:
+      x, y: arrays of one shape, rank k >= 1.
+      axis: the kept axis.
+      precision: matmul precision.
+
+    Returns:
+      A symmetric array of shape (x.shape[axis], x.shape[axis]).
+    """
+    replicated, _ = explicit_shardings(x)
+    others = [a for a in range(x.ndim) if a != axis]
+    c = jnp.tensordot(x, y, axes=(others, others), precision=precision, out_sharding=replicated)
+    return 0.5 * (c + c.T)
+
+
 def permute_axis(x: jax.Array, order: jax.Array, axis: int) -> jax.Array:
     """``jnp.take(x, order, axis)``: reorder the entries of `x` along one axis.
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx_optax._src.linalg._precision import check_precision, resolve_precision
 from rlx_optax._src.linalg._sharding import explicit_shardings
 
 #: The crate's quintic coefficients (Keller Jordan's Muon): a, b, c of
@@ -83,7 +84,11 @@ def newton_schulz(
       eps: floor of the Frobenius norm.
       compute_dtype: dtype of the iteration (default: float32, or the input dtype if wider).
         ``jnp.bfloat16`` follows the reference's bf16 cast (on CPU it is slower).
-      precision: `jax.lax.Precision` of the matrix products (default: the backend's).
+      precision: precision of the matrix products (a `jax.lax.Precision`, its name, or a
+        `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration, so the
+        result is float32-accurate on every backend (the backend default would be TF32 on
+        NVIDIA GPUs and one bfloat16 pass on TPUs), and the native ``DEFAULT`` pass for a
+        bfloat16 iteration.
 
     Returns:
       Array of shape (m, n) and the dtype of `x`.
@@ -112,8 +117,10 @@ def newton_schulz(
     if static_steps is not None and static_steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r}")
     cubic_only = bool(np.all(table[:, 2] == 0.0))
+    check_precision("precision", precision)
 
     ct = compute_dtype or jnp.promote_types(x.dtype, jnp.float32)
+    precision = resolve_precision(precision, ct)
     transposed = x.shape[0] > x.shape[1]
     X = (x.T if transposed else x).astype(ct)
     # Under explicit sharding the Gram matrix (min(m, n) square) is made replicated, one

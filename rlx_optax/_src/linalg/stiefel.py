@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg._precision import resolve_precision
 from rlx_optax._src.linalg._sharding import explicit_shardings
 
 
-def stiefel_tangent_projection(w: jax.Array, g: jax.Array) -> jax.Array:
+def stiefel_tangent_projection(w: jax.Array, g: jax.Array, *, precision: Any = None) -> jax.Array:
     r"""Project a Euclidean gradient onto the tangent space of row-orthonormal matrices at `w`.
 
     For :math:`W \in \mathbb{R}^{m\times n}` with :math:`WW^\top = I_m` (m <= n),
@@ -23,6 +26,8 @@ def stiefel_tangent_projection(w: jax.Array, g: jax.Array) -> jax.Array:
     Args:
       w: array of shape (m, n), rows orthonormal.
       g: array of shape (m, n).
+      precision: precision of the two products (default: the library's policy, ``HIGHEST``
+        for float32; see `docs/numerics.md`).
 
     Returns:
       Array of shape (m, n) in the dtype of `g`.
@@ -41,12 +46,17 @@ def stiefel_tangent_projection(w: jax.Array, g: jax.Array) -> jax.Array:
     if w.ndim != 2 or w.shape != g.shape:
         raise ValueError(f"expected two matrices of one shape, got {w.shape} and {g.shape}")
     replicated, w_sharding = explicit_shardings(w)
-    a = jax.lax.dot_general(w, g, (((1,), (1,)), ((), ())), out_sharding=replicated)
+    precision = resolve_precision(precision, jnp.promote_types(w.dtype, g.dtype))
+    a = jax.lax.dot_general(
+        w, g, (((1,), (1,)), ((), ())), precision=precision, out_sharding=replicated
+    )
     sym = 0.5 * (a + a.T)
-    return g - jax.lax.dot_general(sym, w, (((1,), (0,)), ((), ())), out_sharding=w_sharding)
+    return g - jax.lax.dot_general(
+        sym, w, (((1,), (0,)), ((), ())), precision=precision, out_sharding=w_sharding
+    )
 
 
-def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
+def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12, precision: Any = None) -> jax.Array:
     r"""Orthonormalise the rows of `y` in order (the Gram-Schmidt retraction).
 
     Row :math:`i` becomes :math:`q_i = z_i / \max(\|z_i\|, \epsilon)` with
@@ -59,6 +69,7 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
     Args:
       y: array of shape (m, n) with m <= n.
       eps: floor of the row norms.
+      precision: precision of the projections (default: ``HIGHEST`` for float32).
 
     Returns:
       Array of shape (m, n), rows orthonormal, in the dtype of `y`.
@@ -78,6 +89,7 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
     if y.ndim != 2 or y.shape[0] > y.shape[1]:
         raise ValueError(f"gram_schmidt_rows expects shape (m, n) with m <= n, got {y.shape}")
     ct = jnp.promote_types(y.dtype, jnp.float32)
+    precision = resolve_precision(precision, ct)
     y32 = y.astype(ct)
     replicated, y_sharding = explicit_shardings(y32)
     if replicated is not None:  # the row loop runs on a replicated copy (m x n, gathered once)
@@ -87,7 +99,8 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12) -> jax.Array:
     def body(i, q):
         row = jax.lax.dynamic_index_in_dim(y32, i, keepdims=False)
         for _ in range(2):  # rows i.. of q are still zero, so they project out nothing
-            row = row - (q @ row) @ q
+            coeffs = jnp.matmul(q, row, precision=precision)
+            row = row - jnp.matmul(coeffs, q, precision=precision)
         row = row / jnp.maximum(jnp.sqrt(jnp.sum(row * row)), eps)
         return jax.lax.dynamic_update_index_in_dim(q, row, i, axis=0)
 

@@ -11,8 +11,6 @@ import optax
 
 from rlx_optax._src import common, linalg
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class KronPsgdState(NamedTuple):
     """State of `scale_by_kron_psgd`.
@@ -51,15 +49,35 @@ def _solve_along(x: jax.Array, q: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
 
 
-def _axis_terms(a: jax.Array, axis: int, diagonal: bool) -> jax.Array:
+def _axis_terms(a: jax.Array, axis: int, diagonal: bool, precision: Any) -> jax.Array:
     if diagonal:
         others = tuple(i for i in range(a.ndim) if i != axis)
         return jnp.sum(a * a, axis=others)
-    return linalg.axis_gram(a, axis, precision=_HIGHEST)
+    return linalg.axis_gram(a, axis, precision=precision)
+
+
+def _difference_terms(a: jax.Array, b: jax.Array, axis: int, diagonal: bool, precision: Any):
+    """`a a^T - b b^T` along `axis`, exactly zero when ``a == b`` (the crate's gradient probe).
+
+    Formed as the symmetrised ``(a - b)(a + b)^T``: two Gram products rounded separately
+    would leave a difference of pure rounding noise where the crate's is exactly zero, and the
+    Frobenius normalisation would turn that noise into a full-size factor step.
+    """
+    d, s = a - b, a + b
+    if diagonal:
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        return jnp.sum(d * s, axis=others)
+    return linalg.axis_cross_gram(d, s, axis, precision=precision)
 
 
 def _update_factors(
-    factors: tuple, g: jax.Array, v: jax.Array, precond_lr: float, eps: float, crate: bool
+    factors: tuple,
+    g: jax.Array,
+    v: jax.Array,
+    precond_lr: float,
+    eps: float,
+    crate: bool,
+    precision: Any,
 ) -> tuple:
     """One Lie-group step of every factor from the probe pair (g, v).
 
@@ -68,7 +86,7 @@ def _update_factors(
     the same step bit for bit, and its Gram products cannot overflow (a gradient above about
     1e19 would otherwise give +-inf and NaN).
     """
-    a = linalg.apply_along_axes(g, list(factors), precision=_HIGHEST)
+    a = linalg.apply_along_axes(g, list(factors), precision=precision)
     b = v
     for axis, q in enumerate(factors):
         b = _solve_along(b, q.astype(b.dtype), axis)
@@ -80,37 +98,42 @@ def _update_factors(
     new = []
     for axis, q in enumerate(factors):
         diagonal = q.ndim == 1
-        t1, t2 = _axis_terms(a, axis, diagonal), _axis_terms(b, axis, diagonal)
-        m = (t1 - t2).astype(jnp.float32)  # M / k^2
         k32 = k.astype(jnp.float32)
         # the floors divided by k^2 too (`tiny` keeps them above 0 where k^2 would underflow
         # them; then M is 0 or the floor is far below rounding: the step is unchanged)
         tiny = jnp.finfo(jnp.float32).tiny
         if crate:  # normalised by the Frobenius norm of the whole difference
+            m = _difference_terms(a, b, axis, diagonal, precision).astype(jnp.float32)  # M/k^2
             norm = jnp.sqrt(jnp.sum(m * m)) + eps / k32 / k32
             side = "right"
         else:  # Li's normalisation: a lower bound of the spectral norm of t1 + t2
+            t1 = _axis_terms(a, axis, diagonal, precision)
+            t2 = _axis_terms(b, axis, diagonal, precision)
+            m = (t1 - t2).astype(jnp.float32)  # M / k^2, as psgd-jax forms it
             s = (t1 + t2).astype(jnp.float32)
-            bound = jnp.max(jnp.abs(s)) if diagonal else linalg.spectral_norm_lower_bound(s)
+            if diagonal:
+                bound = jnp.max(jnp.abs(s))
+            else:
+                bound = linalg.spectral_norm_lower_bound(s, precision=precision)
             norm = bound + tiny / k32 / k32
             side = "left"
         step = precond_lr / jnp.maximum(norm, tiny)
-        new.append(linalg.lie_group_factor_step(q, m, step, side=side, precision=_HIGHEST))
+        new.append(linalg.lie_group_factor_step(q, m, step, side=side, precision=precision))
     return tuple(new)
 
 
-def _precondition(factors: tuple, g: jax.Array, crate: bool) -> jax.Array:
+def _precondition(factors: tuple, g: jax.Array, crate: bool, precision: Any) -> jax.Array:
     r"""`P_0 g P_1 ...` with :math:`P = Q^\top Q` (the crate's right factor: :math:`Q Q^\top`)."""
     mats = [q.astype(g.dtype) for q in factors]
     if crate:  # axis 0: Q^T Q ; axis 1: Q Q^T
         left = [mats[0], None]
         right = [None, mats[1]]
-        x = linalg.apply_along_axes(g, left, precision=_HIGHEST)
-        x = linalg.apply_along_axes(x, left, transpose=True, precision=_HIGHEST)
-        x = linalg.apply_along_axes(x, right, transpose=True, precision=_HIGHEST)
-        return linalg.apply_along_axes(x, right, precision=_HIGHEST)
-    x = linalg.apply_along_axes(g, mats, precision=_HIGHEST)
-    return linalg.apply_along_axes(x, mats, transpose=True, precision=_HIGHEST)
+        x = linalg.apply_along_axes(g, left, precision=precision)
+        x = linalg.apply_along_axes(x, left, transpose=True, precision=precision)
+        x = linalg.apply_along_axes(x, right, transpose=True, precision=precision)
+        return linalg.apply_along_axes(x, right, precision=precision)
+    x = linalg.apply_along_axes(g, mats, precision=precision)
+    return linalg.apply_along_axes(x, mats, transpose=True, precision=precision)
 
 
 def scale_by_kron_psgd(
@@ -125,6 +148,7 @@ def scale_by_kron_psgd(
     precondition_nd: bool = False,
     factor_update: str = "crate",
     clip_mode: str = "max_abs",
+    precision: Any = None,
 ) -> optax.GradientTransformation:
     r"""Precondition with a Kronecker product of factors learned by PSGD (no momentum, no lr).
 
@@ -172,6 +196,11 @@ def scale_by_kron_psgd(
       factor_update: ``"crate"`` (right-multiplied step normalised by the Frobenius norm,
         right preconditioner :math:`Q_R Q_R^\top`) or ``"reference"`` (Li's PSGD).
       clip_mode: ``"max_abs"`` (crate) or ``"rms"`` (reference).
+      precision: precision of every matrix product. Default: ``HIGHEST`` with
+        ``factor_update="crate"`` (the crate's float32 arithmetic on every backend); with
+        ``"reference"``, psgd-jax's choices: ``"tensorfloat32"`` (`Precision.HIGH`) for the
+        factor step and the backend's ``DEFAULT`` pass for preconditioning the gradient, both
+        given explicitly. See `docs/numerics.md`. (On CPU every choice is float32.)
 
     Returns:
       An `optax.GradientTransformation`.
@@ -193,7 +222,14 @@ def scale_by_kron_psgd(
         raise ValueError("probe='random' needs a PRNG key: pass key=jax.random.key(0)")
     if factor_update == "crate" and precondition_nd:
         raise ValueError("precondition_nd needs factor_update='reference' (the crate is 2-D)")
+    linalg.check_precision("precision", precision)
     crate = factor_update == "crate"
+    if precision is not None:
+        factor_precision = apply_precision = linalg.resolve_precision(precision, jnp.float32)
+    elif crate:
+        factor_precision = apply_precision = jax.lax.Precision.HIGHEST
+    else:  # psgd-jax: precond_update_precision="tensorfloat32", precond_grads_precision=None
+        factor_precision, apply_precision = jax.lax.Precision.HIGH, jax.lax.Precision.DEFAULT
     plan_kw = {"precondition_nd": precondition_nd, "max_size_triangular": max_size_triangular}
 
     def init_leaf(p):
@@ -241,11 +277,13 @@ def scale_by_kron_psgd(
                 g_probe, v = g32, g32
             factors = jax.lax.cond(
                 do_update,
-                lambda fs: _update_factors(fs, g_probe, v, precond_lr, eps, crate),
+                lambda fs: _update_factors(
+                    fs, g_probe, v, precond_lr, eps, crate, factor_precision
+                ),
                 lambda fs: fs,
                 factors,
             )
-            p = _precondition(factors, g32, crate)
+            p = _precondition(factors, g32, crate, apply_precision)
             if clip_mode == "max_abs":
                 mx = jnp.max(jnp.abs(p))
                 p = p * jnp.where(mx > clip, clip / jnp.where(mx > 0, mx, 1.0), 1.0)
@@ -279,6 +317,7 @@ def kron_psgd(
     precondition_nd: bool = False,
     factor_update: str = "crate",
     clip_mode: str = "max_abs",
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Kron-PSGD as the crate's `KronPsgd`: precondition, clip, L2 decay, then momentum.
 
@@ -320,6 +359,8 @@ def kron_psgd(
       precondition_nd: one factor per axis for leaves of every rank >= 1 (reference).
       factor_update: ``"crate"`` or ``"reference"`` factor step; see `scale_by_kron_psgd`.
       clip_mode: ``"max_abs"`` (crate) or ``"rms"`` (reference).
+      precision: precision of the matrix products (default: ``HIGHEST`` in crate mode,
+        psgd-jax's choices with ``factor_update="reference"``); see `scale_by_kron_psgd`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -350,6 +391,7 @@ def kron_psgd(
         precondition_nd=precondition_nd,
         factor_update=factor_update,
         clip_mode=clip_mode,
+        precision=precision,
     )
     decay = common.add_decayed_weights(weight_decay, mask)
     lr = optax.scale_by_learning_rate(learning_rate)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.linalg._precision import check_precision
 from rlx_optax._src.linalg.newton_schulz import DEFAULT_NS_COEFFS, newton_schulz
 from rlx_optax._src.transforms import _moments
 
@@ -100,6 +101,7 @@ def scale_by_mars(
     ns_steps: int = 5,
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     mu_dtype: Any = None,
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""MARS's variance-reduced direction (no learning rate, no decay).
 
@@ -142,12 +144,15 @@ def scale_by_mars(
       ns_steps: Newton-Schulz iterations of the Shampoo variant.
       ns_coeffs: Newton-Schulz coefficients of the Shampoo variant (see `newton_schulz`).
       mu_dtype: dtype of the first moment (default: the parameter dtype).
+      precision: precision of the Shampoo variant's Newton-Schulz products (default
+        ``HIGHEST`` for float32 on every backend; see `docs/numerics.md`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update` accepts ``previous_grads=``.
     """
     common.check_beta("b1", b1)
     common.check_beta("b2", b2)
+    check_precision("precision", precision)
     common.check_non_negative("eps", eps)
     common.check_non_negative("gamma", gamma)
     common.check_choice("variant", variant, _VARIANTS)
@@ -214,7 +219,7 @@ def scale_by_mars(
                     u = jnp.sign(m)
                 else:
                     rows, cols = g.shape
-                    u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs)
+                    u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs, precision=precision)
                     u = u * max(1.0, rows / cols) ** 0.5
             new_prev = None
             if not exact:
@@ -253,6 +258,7 @@ def mars(
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     mu_dtype: Any = None,
     mask: common.MaskOrFn = None,
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""MARS-AdamW as the crate's `Mars`: `scale_by_mars` -> decoupled decay -> rate.
 
@@ -291,6 +297,8 @@ def mars(
       ns_coeffs: Newton-Schulz coefficients of the Shampoo variant.
       mu_dtype: dtype of the first moment.
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
+      precision: precision of the Shampoo variant's Newton-Schulz products (default
+        ``HIGHEST`` for float32).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -324,6 +332,7 @@ def mars(
             ns_steps=ns_steps,
             ns_coeffs=ns_coeffs,
             mu_dtype=mu_dtype,
+            precision=precision,
         ),
         learning_rate,
         weight_decay,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlx_optax._src import common
+from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import DEFAULT_NS_COEFFS, newton_schulz
 from rlx_optax._src.transforms import adam as _adam
 
@@ -101,7 +101,11 @@ def scale_by_muon(
       mu_dtype: dtype of the momentum (default: the parameter dtype).
       ns_dtype: dtype of the Newton-Schulz iteration (default float32; ``jnp.bfloat16``
         follows the reference's cast).
-      precision: `jax.lax.Precision` of the Newton-Schulz products.
+      precision: precision of the Newton-Schulz products (a `jax.lax.Precision`, its name or a
+        `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration (the
+        crate's float32 arithmetic on every backend; the backend default would be TF32 on
+        NVIDIA GPUs and one bfloat16 pass on TPUs), the native pass for ``ns_dtype=bfloat16``
+        (the reference's choice). See `docs/numerics.md`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -113,6 +117,7 @@ def scale_by_muon(
         common.check_choice("shape_scale", shape_scale, _SCALES)
     common.check_choice("layout", layout, _LAYOUTS)
     common.check_choice("momentum_form", momentum_form, _MOMENTUM_FORMS)
+    linalg.check_precision("precision", precision)
 
     mu_value = momentum
 
@@ -221,7 +226,11 @@ def muon(
       eps: floor of the Frobenius norm in Newton-Schulz.
       mu_dtype: dtype of the momentum.
       ns_dtype: dtype of the Newton-Schulz iteration (default float32).
-      precision: `jax.lax.Precision` of the Newton-Schulz products.
+      precision: precision of the Newton-Schulz products (a `jax.lax.Precision`, its name or a
+        `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration (the
+        crate's float32 arithmetic on every backend; the backend default would be TF32 on
+        NVIDIA GPUs and one bfloat16 pass on TPUs), the native pass for ``ns_dtype=bfloat16``
+        (the reference's choice). See `docs/numerics.md`.
       mask: pytree (or callable) of booleans selecting the leaves decayed (Muon branch).
 
     Returns:

@@ -11,8 +11,6 @@ import optax
 
 from rlx_optax._src import common, linalg
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class SoapState(NamedTuple):
     """State of `scale_by_soap`.
@@ -68,17 +66,19 @@ def _plan(
     return shape, tuple(active and d <= limit for d in shape)
 
 
-def _rotate(x: jax.Array, bases: tuple, *, back: bool) -> jax.Array:
+def _rotate(x: jax.Array, bases: tuple, *, back: bool, precision: Any) -> jax.Array:
     """`Q_L^T x Q_R` (into the eigenbasis) or `Q_L x Q_R^T` (`back=True`)."""
     mats = [None if q is None else q.astype(x.dtype) for q in bases]
-    return linalg.apply_along_axes(x, mats, transpose=not back, precision=_HIGHEST)
+    return linalg.apply_along_axes(x, mats, transpose=not back, precision=precision)
 
 
 #: Where a statistic whose exact value exceeds the float32 range is held (about 1.3e36).
 _STAT_CEILING = 2.0**120
 
 
-def _ema_gram(s: jax.Array, g: jax.Array, k: jax.Array, axis: int, beta: float) -> jax.Array:
+def _ema_gram(
+    s: jax.Array, g: jax.Array, k: jax.Array, axis: int, beta: float, precision: Any
+) -> jax.Array:
     r"""`beta s + (1 - beta) gram(g)` computed on `g / k` (k a power of two >= max|g| or 1).
 
     The scaled sum equals the plain one bit for bit (powers of two scale exactly), but its
@@ -88,7 +88,7 @@ def _ema_gram(s: jax.Array, g: jax.Array, k: jax.Array, axis: int, beta: float) 
     is kept; exact arithmetic would be dominated by the huge gradient alike).
     """
     b = jnp.float32(beta)
-    inner = b * (s / k / k) + (1 - b) * linalg.axis_gram(g / k, axis, precision=_HIGHEST)
+    inner = b * (s / k / k) + (1 - b) * linalg.axis_gram(g / k, axis, precision=precision)
     full = inner * k * k
     peak = jnp.max(jnp.abs(inner))
     held = inner * (_STAT_CEILING / jnp.where(peak > 0, peak, 1.0))
@@ -100,7 +100,10 @@ def _refresh(
 ) -> tuple[tuple, jax.Array, jax.Array]:
     """New eigenbases of `stats`, and the moments carried into them (per the options)."""
     ct = common.compute_dtype(mu.dtype)
-    mu_orig = _rotate(mu.astype(ct), bases, back=True) if cfg["reproject_moments"] else None
+    precision = cfg["precision"]
+    mu_orig = None
+    if cfg["reproject_moments"]:
+        mu_orig = _rotate(mu.astype(ct), bases, back=True, precision=precision)
 
     def full(_):
         new = tuple(None if s is None else linalg.symmetric_eigenbasis(s) for s in stats)
@@ -112,7 +115,7 @@ def _refresh(
             if s is None:
                 new.append(None)
                 continue
-            q, order = linalg.qr_refresh(s, q, precision=_HIGHEST)
+            q, order = linalg.qr_refresh(s, q, precision=precision)
             new.append(q)
             v = linalg.permute_axis(v, order, axis)  # v follows its re-sorted columns
         return tuple(new), v
@@ -122,7 +125,7 @@ def _refresh(
     else:  # the first basis is always a full eigendecomposition, as in the reference
         new_bases, nu = jax.lax.cond(first, full, power_step, None)
     if mu_orig is not None:
-        mu = _rotate(mu_orig, new_bases, back=False).astype(mu.dtype)
+        mu = _rotate(mu_orig, new_bases, back=False, precision=precision).astype(mu.dtype)
     return new_bases, mu, nu
 
 
@@ -141,6 +144,7 @@ def scale_by_soap(
     merge_dims: bool = False,
     precondition_nd: bool = False,
     precondition_1d: bool = False,
+    precision: Any = None,
 ) -> optax.GradientTransformation:
     r"""Adam run in the eigenbasis of Shampoo's statistics (SOAP), without learning rate or decay.
 
@@ -190,6 +194,9 @@ def scale_by_soap(
       precondition_nd: rotate every axis of rank >= 3 leaves (reference); default sends them to
         the plain Adam path (crate).
       precondition_1d: rotate vectors too (off in both the crate and the reference).
+      precision: precision of the Gram products and rotations. Default ``HIGHEST`` in both
+        modes (the crate's float32 arithmetic; the reference runs float32 torch, whose matmuls
+        are full float32 by default) on every backend; see `docs/numerics.md`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -207,7 +214,9 @@ def scale_by_soap(
     _check_count("max_precond_dim", max_precond_dim)
     if merge_dims and (max_precond_dim is None or not precondition_nd):
         raise ValueError("merge_dims needs precondition_nd=True and an integer max_precond_dim")
-    cfg = {"reproject_moments": reproject_moments, "refresh": refresh}
+    linalg.check_precision("precision", precision)
+    precision = linalg.resolve_precision(precision, jnp.float32)
+    cfg = {"reproject_moments": reproject_moments, "refresh": refresh, "precision": precision}
     plan_kw = {
         "max_precond_dim": max_precond_dim,
         "merge_dims": merge_dims,
@@ -254,7 +263,7 @@ def scale_by_soap(
                 g32 = gw.astype(jnp.float32)
                 k = linalg.power_of_two_scale(g32, at_least_one=True)
                 return tuple(
-                    None if s is None else _ema_gram(s, g32, k, axis, beta_s)
+                    None if s is None else _ema_gram(s, g32, k, axis, beta_s, precision)
                     for axis, s in enumerate(stats)
                 )
 
@@ -271,10 +280,11 @@ def scale_by_soap(
             if not skip_first_step:
                 stats = accumulate(stats)
                 bases, mw, vw = maybe_refresh(stats, bases, mw, vw)
-            g_rot = _rotate(gw, bases, back=False)
+            g_rot = _rotate(gw, bases, back=False, precision=precision)
             m_new = b1 * mw.astype(ct) + (1 - b1) * g_rot
             v_new = b2 * vw.astype(ct) + (1 - b2) * g_rot * g_rot
-            u = _rotate((m_new / bc1) / (jnp.sqrt(v_new / bc2) + eps), bases, back=True)
+            u = (m_new / bc1) / (jnp.sqrt(v_new / bc2) + eps)
+            u = _rotate(u, bases, back=True, precision=precision)
             m_new, v_new = m_new.astype(mw.dtype), v_new.astype(vw.dtype)
             if skip_first_step:
                 u = jnp.where(first, jnp.zeros_like(u), u)
@@ -331,6 +341,7 @@ def soap(
     merge_dims: bool = False,
     precondition_nd: bool = False,
     precondition_1d: bool = False,
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP with decoupled weight decay, as the crate's `Soap`.
 
@@ -369,6 +380,8 @@ def soap(
       merge_dims: merge consecutive axes of n-D leaves up to `max_precond_dim`.
       precondition_nd: rotate every axis of rank >= 3 leaves (reference).
       precondition_1d: rotate vectors too.
+      precision: precision of the matrix products (default ``HIGHEST``; see
+        `scale_by_soap`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -404,6 +417,7 @@ def soap(
             merge_dims=merge_dims,
             precondition_nd=precondition_nd,
             precondition_1d=precondition_1d,
+            precision=precision,
         ),
         learning_rate,
         weight_decay,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlx_optax._src import common
+from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import gram_schmidt_rows, stiefel_tangent_projection
 
 
@@ -24,7 +24,9 @@ def is_stiefel_leaf(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] <= shape[1]
 
 
-def scale_by_stiefel(momentum: float = 0.0, mu_dtype: Any = None) -> optax.GradientTransformation:
+def scale_by_stiefel(
+    momentum: float = 0.0, mu_dtype: Any = None, *, precision: Any = None
+) -> optax.GradientTransformation:
     r"""The Riemannian gradient (with momentum) on row-orthonormal matrices, SGD elsewhere.
 
     For a Stiefel leaf (rank 2, rows <= columns) at :math:`W`, the gradient is projected onto
@@ -37,11 +39,14 @@ def scale_by_stiefel(momentum: float = 0.0, mu_dtype: Any = None) -> optax.Gradi
     Args:
       momentum: :math:`\mu` in [0, 1); 0 keeps no buffer.
       mu_dtype: dtype of the momentum buffer (default: the parameter dtype).
+      precision: precision of the projection's products (default ``HIGHEST``: float32-exact
+        on every backend; see `docs/numerics.md`).
 
     Returns:
       An `optax.GradientTransformation`; `update` needs `params`.
     """
     common.check_beta("momentum", momentum)
+    linalg.check_precision("precision", precision)
     use_trace = not common._is_zero(momentum)
 
     def init_fn(params):
@@ -57,7 +62,7 @@ def scale_by_stiefel(momentum: float = 0.0, mu_dtype: Any = None) -> optax.Gradi
             ct = common.compute_dtype(g.dtype)
             g32 = g.astype(ct)
             if is_stiefel_leaf(g.shape):
-                return stiefel_tangent_projection(w.astype(ct), g32)
+                return stiefel_tangent_projection(w.astype(ct), g32, precision=precision)
             return g32
 
         if not use_trace:
@@ -75,7 +80,7 @@ def scale_by_stiefel(momentum: float = 0.0, mu_dtype: Any = None) -> optax.Gradi
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def retract_stiefel(eps: float = 1e-12) -> optax.GradientTransformation:
+def retract_stiefel(eps: float = 1e-12, *, precision: Any = None) -> optax.GradientTransformation:
     r"""Turn an additive step into a retracted one on Stiefel leaves.
 
     For a Stiefel leaf, an incoming update :math:`\Delta` becomes
@@ -85,10 +90,12 @@ def retract_stiefel(eps: float = 1e-12) -> optax.GradientTransformation:
 
     Args:
       eps: floor of the row norms.
+      precision: precision of the Gram-Schmidt projections (default ``HIGHEST``).
 
     Returns:
       An `optax.GradientTransformation`; `update` needs `params`.
     """
+    linalg.check_precision("precision", precision)
 
     def init_fn(params):
         del params
@@ -103,7 +110,8 @@ def retract_stiefel(eps: float = 1e-12) -> optax.GradientTransformation:
                 return u
             ct = common.compute_dtype(w.dtype)
             w32 = w.astype(ct)
-            return (gram_schmidt_rows(w32 + u.astype(ct), eps=eps) - w32).astype(u.dtype)
+            new = gram_schmidt_rows(w32 + u.astype(ct), eps=eps, precision=precision)
+            return (new - w32).astype(u.dtype)
 
         return common.tree_map_none(leaf, updates, params), state
 
@@ -115,6 +123,7 @@ def stiefel(
     momentum: float = 0.0,
     *,
     mu_dtype: Any = None,
+    precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Riemannian SGD with a Gram-Schmidt retraction, as the crate's `Stiefel`.
 
@@ -135,6 +144,9 @@ def stiefel(
       learning_rate: a float or an optax schedule.
       momentum: :math:`\mu` in [0, 1); 0 keeps no buffer.
       mu_dtype: dtype of the momentum buffer.
+      precision: precision of every matrix product (projection and retraction). Default
+        ``HIGHEST`` for float32, the crate's float32 arithmetic on every backend (the backend
+        default would be TF32 on NVIDIA GPUs); see `docs/numerics.md`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update` needs `params`.
@@ -160,7 +172,7 @@ def stiefel(
     """
     common.check_learning_rate(learning_rate)
     return optax.chain(
-        scale_by_stiefel(momentum, mu_dtype),
+        scale_by_stiefel(momentum, mu_dtype, precision=precision),
         optax.scale_by_learning_rate(learning_rate),
-        retract_stiefel(),
+        retract_stiefel(precision=precision),
     )
