@@ -92,9 +92,31 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def scalar_dtype() -> jnp.dtype:
+    """The dtype of per-update scalars: float64 when JAX has it enabled, else float32.
+
+    Bias corrections, rectifiers and step sizes are computed once per update in this dtype and
+    cast to each leaf's compute dtype where they are used, so float64 parameters get float64
+    scalars and, with float64 disabled (JAX's default), nothing changes for float32 ones.
+    """
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
-    """`1 - decay**count` in float32, `count` being the 1-based step."""
-    return 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    """`1 - decay**count` in `scalar_dtype()`, `count` being the 1-based step."""
+    dt = scalar_dtype()
+    return 1.0 - jnp.asarray(decay, dt) ** count.astype(dt)
+
+
+def cast_scalars(tree: Any, dtype: Any) -> Any:
+    """Every floating array of `tree` cast to `dtype` (booleans and integers kept)."""
+
+    def cast(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
 
 
 def zeros_like_tree(params: optax.Params, dtype: Any = None) -> optax.Params:

@@ -20,8 +20,8 @@ class MomentContext(NamedTuple):
     """Per-update scalars handed to a direction rule."""
 
     count: jax.Array  # 1-based step of this update
-    bc1: jax.Array  # 1 - b1**count, float32
-    bc2: jax.Array  # 1 - b2**count, float32
+    bc1: jax.Array  # 1 - b1**count, in the leaf's compute dtype
+    bc2: jax.Array  # 1 - b2**count, in the leaf's compute dtype
     extra: Any  # whatever `prepare(count)` returned
 
 
@@ -76,7 +76,9 @@ def scale_by_moments(
 
         def leaf(g, m, v):
             g32, m, v = update_moments(g, m, v, b1, b2)
-            return direction(g32, m, v, ctx).astype(g.dtype), m, v
+            # the scalars at the leaf's precision: float64 for float64 parameters
+            local = common.cast_scalars(ctx._replace(count=None), g32.dtype)._replace(count=count)
+            return direction(g32, m, v, local).astype(g.dtype), m, v
 
         u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
         return u, state_cls(

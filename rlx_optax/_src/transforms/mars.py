@@ -201,6 +201,7 @@ def scale_by_mars(
 
         def adam_direction(x, m, v, beta1, beta2, c1, c2):
             x, m, v = _moments.update_moments(x, m, v, beta1, beta2)
+            c1, c2 = c1.astype(x.dtype), c2.astype(x.dtype)
             return (m / c1) / (jnp.sqrt(v / c2) + jnp.asarray(eps, x.dtype)), m, v
 
         def leaf(g, m, v, prev):

@@ -24,7 +24,9 @@ class RAdamState(NamedTuple):
 _TABLE_STEPS = 256
 
 
-def _rectifier_table(b2: Any, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+def _rectifier_table(
+    b2: Any, threshold: float, *, widen: bool = True
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Rectification flags and factors r_t for t = 1.._TABLE_STEPS, computed in float64.
 
     The crate evaluates rho_t in float64; in float32, 1 - b2^t loses about four digits for small
@@ -33,7 +35,7 @@ def _rectifier_table(b2: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]
     b2 = common._concrete_float(b2)
     if b2 is None:
         return None
-    b2 = float(np.float32(b2))  # the crate widens its float32 field
+    b2 = float(np.float32(b2)) if widen else float(b2)  # the crate widens its float32 field
     t = np.arange(1, _TABLE_STEPS + 1, dtype=np.float64)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
     b2t = b2**t
@@ -41,13 +43,15 @@ def _rectifier_table(b2: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]
     on = rho_t > threshold
     safe = np.where(on, rho_t, rho_inf)
     r = np.sqrt((safe - 4) * (safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe))
-    return on, r.astype(np.float32)
+    return on, r
 
 
 def _rectifier_f32(count, b2, rho_inf, threshold):
-    """(rectified, r_t) in float32, with 1 - b2^t taken through expm1 for accuracy."""
-    t = count.astype(jnp.float32)
-    log_b2 = jnp.log1p(jnp.asarray(b2, jnp.float32) - 1.0)
+    """(rectified, r_t) in `common.scalar_dtype()` (float32 unless float64 is enabled), with
+    1 - b2^t taken through expm1 for accuracy."""
+    dt = common.scalar_dtype()
+    t = count.astype(dt)
+    log_b2 = jnp.log1p(jnp.asarray(b2, dt) - 1.0)
     b2t = jnp.exp(t * log_b2)
     rho_t = rho_inf - 2.0 * t * b2t / -jnp.expm1(t * log_b2)
     rectified = rho_t > threshold
@@ -95,13 +99,18 @@ def scale_by_radam(
     common.check_non_negative("eps", eps)
     common.check_range("threshold", threshold, 4.0)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
-    exact = _rectifier_table(b2, threshold)
+    # float32 scalars: the crate's b2 (a float32 field widened); float64: b2 itself
+    tables = {
+        np.dtype(np.float32): _rectifier_table(b2, threshold),
+        np.dtype(np.float64): _rectifier_table(b2, threshold, widen=False),
+    }
 
     def prepare(count):
         rectified, r = _rectifier_f32(count, b2, rho_inf, threshold)
+        exact = tables[common.scalar_dtype()]
         if exact is not None:
             # rho_t cancels catastrophically in float32 while t is small; use the table there.
-            table_on, table_r = (jnp.asarray(a) for a in exact)
+            table_on, table_r = jnp.asarray(exact[0]), jnp.asarray(exact[1], common.scalar_dtype())
             idx = jnp.clip(count - 1, 0, table_r.shape[0] - 1)
             early = count <= table_r.shape[0]
             rectified = jnp.where(early, table_on[idx], rectified)

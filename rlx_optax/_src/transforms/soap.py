@@ -16,7 +16,8 @@ class SoapState(NamedTuple):
     """State of `scale_by_soap`.
 
     `stats` and `bases` hold, per leaf, a tuple with one entry per axis of the leaf's working
-    shape: a float32 (d, d) matrix for a preconditioned axis, None for an axis passed through.
+    shape: a (d, d) matrix for a preconditioned axis (float32, float64 for float64 parameters),
+    None for an axis passed through.
     """
 
     count: jax.Array  # int32, number of `update` calls so far
@@ -87,7 +88,7 @@ def _ema_gram(
     `_STAT_CEILING` in max-abs (the direction of the statistic, all its eigenbasis depends on,
     is kept; exact arithmetic would be dominated by the huge gradient alike).
     """
-    b = jnp.float32(beta)
+    b = jnp.asarray(beta, s.dtype)
     inner = b * (s / k / k) + (1 - b) * linalg.axis_gram(g / k, axis, precision=precision)
     full = inner * k * k
     peak = jnp.max(jnp.abs(inner))
@@ -166,7 +167,7 @@ def scale_by_soap(
     only matters after a refresh). Periodic work runs under `jax.lax.cond`.
 
     State size per parameter: a matrix (m, n) keeps 2 moments plus :math:`2(m^2+n^2)/(mn)`
-    floats of statistics and bases (float32 whatever the parameter dtype): 6 for a square
+    floats of statistics and bases (float32; float64 for float64 parameters): 6 for a square
     matrix; other leaves keep 2. Axes longer than `max_precond_dim` keep nothing.
 
     Args:
@@ -229,8 +230,9 @@ def scale_by_soap(
     # state (moments in the working shape, None for an axis passed through).
     def init_leaf(p):
         shape, active = _plan(p.shape, **plan_kw)
+        st = common.compute_dtype(p.dtype)  # float32 for float32/bf16, float64 for float64
         eyes = tuple(
-            jnp.eye(d, dtype=jnp.float32) if a else None for d, a in zip(shape, active, strict=True)
+            jnp.eye(d, dtype=st) if a else None for d, a in zip(shape, active, strict=True)
         )
         zeros = tuple(None if e is None else jnp.zeros_like(e) for e in eyes)
         if shape == p.shape:  # the moments mirror the parameter: same layout on a mesh
@@ -257,10 +259,11 @@ def scale_by_soap(
             active = tuple(s is not None for s in stats)
             ct = common.compute_dtype(g.dtype)
             b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
+            c1, c2 = bc1.astype(ct), bc2.astype(ct)
             gw = g.astype(ct).reshape(mw.shape)
 
             def accumulate(stats):
-                g32 = gw.astype(jnp.float32)
+                g32 = gw.astype(common.compute_dtype(gw.dtype))
                 k = linalg.power_of_two_scale(g32, at_least_one=True)
                 return tuple(
                     None if s is None else _ema_gram(s, g32, k, axis, beta_s, precision)
@@ -283,7 +286,7 @@ def scale_by_soap(
             g_rot = _rotate(gw, bases, back=False, precision=precision)
             m_new = b1 * mw.astype(ct) + (1 - b1) * g_rot
             v_new = b2 * vw.astype(ct) + (1 - b2) * g_rot * g_rot
-            u = (m_new / bc1) / (jnp.sqrt(v_new / bc2) + eps)
+            u = (m_new / c1) / (jnp.sqrt(v_new / c2) + eps)
             u = _rotate(u, bases, back=True, precision=precision)
             m_new, v_new = m_new.astype(mw.dtype), v_new.astype(vw.dtype)
             if skip_first_step:
