@@ -53,7 +53,6 @@ from rlx_optax._src import registry  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 STEPS = 3
-PERTURBATION = 1e-7  # relative, about one float32 ulp: what another summation order changes
 MESH_SHAPE = (4, 2)
 AXES = ("data", "model")
 ALL = ("data", "model")  # both mesh axes on one dimension: 8-way
@@ -162,70 +161,35 @@ def leaf_errors(row, p0, ref_params, ref_state, params, state) -> dict[str, floa
     return errors
 
 
-def compare(row, p0, reference, params, state, problems: list[str], notes: list[str]) -> float:
-    ref_params, ref_state, ill_conditioned = reference
+def compare(row, p0, reference, params, state, problems: list[str]) -> float:
+    ref_params, ref_state = reference
     if len(jax.tree.leaves(ref_state)) != len(jax.tree.leaves(state)):
         problems.append("the state has another structure than on a single device")
         return float("inf")
     worst = 0.0
     for label, err in leaf_errors(row, p0, ref_params, ref_state, params, state).items():
-        if label in ill_conditioned:
-            notes.append(f"{label}: not compared (error {err:.3g}); {ill_conditioned[label]}")
-            continue
         worst = max(worst, err)
         if err > row.golden_tol:
             problems.append(f"{label}: error {err:.3g} > {row.golden_tol:g}")
     return worst
 
 
-def run_single(row, names: list[str], perturbation: float = 0.0):
-    """The reference: the same steps on one device, no mesh.
-
-    With `perturbation`, each gradient entry is multiplied by ``1 + perturbation * z``
-    (``z`` standard normal, fixed seed): the rounding-sized change a different summation order
-    makes. Leaves that move by more than the tolerance under it are ill-conditioned.
-    """
+def run_single(row, names: list[str]):
+    """The reference: the same steps on one device, no mesh."""
     tx = make_tx(row)
     step = make_step(row, tx)
     params = {n: jnp.asarray(v) for n, v in host_values(names, 0).items()}
     state = tx.init(params)
-    rng = np.random.default_rng(7)
     for i in range(STEPS):
-        grads = host_values(names, 100 + i)
-        if perturbation:
-            grads = {
-                n: (g * (1 + perturbation * rng.normal(size=g.shape))).astype(np.float32)
-                for n, g in grads.items()
-            }
-        params, state = step(params, state, {n: jnp.asarray(v) for n, v in grads.items()})
+        grads = {n: jnp.asarray(v) for n, v in host_values(names, 100 + i).items()}
+        params, state = step(params, state, grads)
     return jax.device_get(params), jax.device_get(state)
-
-
-def reference_run(row, names: list[str]):
-    """Single-device parameters and state, and the leaves that are ill-conditioned.
-
-    Some algorithms are not continuous in their inputs everywhere: SOAP's eigenbasis of the
-    rank-deficient side of a non-square gradient statistic is any basis of its null space, so
-    a rounding-sized change of the input picks another one. Such a leaf cannot be compared
-    with a sharded run (which rounds differently); it is reported, not compared.
-    """
-    params, state = run_single(row, names)
-    moved_params, moved_state = run_single(row, names, perturbation=PERTURBATION)
-    p0 = host_values(names, 0)
-    sensitivity = leaf_errors(row, p0, params, state, moved_params, moved_state)
-    ill = {
-        label: f"a relative input change of {PERTURBATION:g} moves it by {err:.3g}"
-        for label, err in sensitivity.items()
-        if err > row.golden_tol
-    }
-    return params, state, ill
 
 
 def run_sharded(row, names: list[str], mesh, reference=None) -> dict:
     problems: list[str] = []
-    notes: list[str] = []
     p0 = host_values(names, 0)
-    reference = reference or reference_run(row, names)
+    reference = reference or run_single(row, names)
     tx = make_tx(row)
     step = make_step(row, tx)
 
@@ -246,11 +210,10 @@ def run_sharded(row, names: list[str], mesh, reference=None) -> dict:
         for i in range(STEPS):
             params, state = step(params, state, place(host_values(names, 100 + i)))
             checked_after = check_shardings(mesh, f"step {i + 1}", params, state, problems)
-        worst = compare(row, p0, reference, params, state, problems, notes)
+        worst = compare(row, p0, reference, params, state, problems)
     return {
         "ok": not problems,
         "problems": problems,
-        "notes": notes,
         "state_leaves_checked": checked_after,
         "state_leaves_checked_init": checked,
         "worst_relative_error": worst,
@@ -317,9 +280,15 @@ REFERENCES: dict[str, tuple] = {}
 # Options of the matrix families that take code paths the registry's contract options do not
 # (SOAP's contract rotates no axis of these layouts: max_precond_dim=6), run on an Explicit
 # mesh, where every product over a sharded axis must name its output sharding.
+#
+# Every configuration is well-posed, so the sharded run must agree with one device to rounding
+# on every machine: SOAP's eigenbases are canonical (signs, null-space completion), and the
+# crate-order variant takes eps = 0.1. With the crate's eps = 1e-8 its first step is chaotic
+# (the rotated first gradient is diagonal up to float32 rounding, which Adam maps to +-1;
+# docs/numerics.md), so no two programs that round differently agree there.
 VARIANTS: dict[str, dict[str, dict]] = {
     "soap": {
-        "rotated": {"max_precond_dim": None},
+        "rotated": {"max_precond_dim": None, "eps": 0.1},
         "reference": {
             "skip_first_step": True,
             "reproject_moments": True,
@@ -370,7 +339,7 @@ def main() -> None:
     report["layouts"] = {n: [list(shape), str(spec)] for n, (shape, spec) in LAYOUTS.items()}
     for row in rows:
         try:
-            REFERENCES[row.name] = reference_run(row, list(LAYOUTS))
+            REFERENCES[row.name] = run_single(row, list(LAYOUTS))
         except Exception:  # the single-device run failing is reported by run_algorithm
             pass
     for kind in kinds:

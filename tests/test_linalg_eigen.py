@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -193,3 +194,96 @@ def test_eigenbasis_and_qr_refresh_of_huge_statistics(scale):
     assert bool(jnp.all(jnp.isfinite(new_big)))
     np.testing.assert_array_equal(order_big, order_small)
     np.testing.assert_allclose(new_big, new_small, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- canonical bases
+
+
+def _canonical_np(q: np.ndarray) -> np.ndarray:
+    """The documented sign rule in float64 NumPy: the first entry within 0.1% of a column's
+    largest magnitude is positive."""
+    q = q.copy()
+    for j in range(q.shape[1]):
+        mag = np.abs(q[:, j])
+        lead = int(np.argmax(mag >= (1 - 1e-3) * mag.max()))
+        if q[lead, j] < 0:
+            q[:, j] = -q[:, j]
+    return q
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eigenbasis_signs_are_canonical(seed):
+    """Against LAPACK's float64 eigh with the sign rule applied: equal to float32 rounding
+    (whatever signs XLA's solver returned)."""
+    a = np.random.default_rng(seed).normal(size=(9, 9))
+    s = a @ a.T
+    want = _canonical_np(np.linalg.eigh(s)[1][:, ::-1])
+    got = np.asarray(linalg.symmetric_eigenbasis(jnp.asarray(s, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    flipped = np.asarray(linalg.canonical_column_signs(-jnp.asarray(got)))
+    np.testing.assert_array_equal(flipped, got)
+
+
+def test_null_space_of_a_coordinate_statistic_is_the_standard_basis():
+    """diag(3, 0, 2, 0, 0): the range by eigenvalue (e0, e2), the null space in order
+    (e1, e3, e4); any orthonormal basis of span(e1, e3, e4) is a valid eigh answer."""
+    s = jnp.diag(jnp.array([3.0, 0.0, 2.0, 0.0, 0.0]))
+    got = np.asarray(linalg.symmetric_eigenbasis(s))
+    want = np.eye(5)[:, [0, 2, 1, 3, 4]]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(linalg.symmetric_eigenbasis(jnp.zeros((4, 4)))), np.eye(4), atol=0
+    )
+
+
+@pytest.mark.parametrize("shape", [(12, 3), (10, 1), (16, 8)])
+def test_rank_deficient_eigenbasis_is_a_function_of_the_statistic(shape):
+    """A statistic G G^T of rank < n: its null-space basis is arbitrary for eigh. Ours must not
+    depend on how the statistic was rounded or compiled: a relative change of 1e-7 (another
+    summation order), jit, eager and vmap all give the same basis to rounding."""
+    g = np.random.default_rng(sum(shape)).normal(size=shape)
+    s = (g @ g.T).astype(np.float32)
+    noise = np.random.default_rng(1).normal(size=s.shape)
+    s2 = (s * (1 + 1e-7 * (noise + noise.T) / 2)).astype(np.float32)
+    base = np.asarray(linalg.symmetric_eigenbasis(jnp.asarray(s)))
+    runs = {
+        "perturbed": linalg.symmetric_eigenbasis(jnp.asarray(s2)),
+        "jit": jax.jit(linalg.symmetric_eigenbasis)(jnp.asarray(s)),
+        "vmap": jax.vmap(linalg.symmetric_eigenbasis)(jnp.stack([jnp.asarray(s)] * 2))[1],
+    }
+    for label, q in runs.items():
+        np.testing.assert_allclose(np.asarray(q), base, atol=5e-4, err_msg=label)
+    # still an eigenbasis, orthonormal, range first
+    np.testing.assert_allclose(base.T @ base, np.eye(s.shape[0]), atol=1e-5)
+    d = base.T @ s.astype(np.float64) @ base
+    np.testing.assert_allclose(d - np.diag(np.diag(d)), 0, atol=1e-4 * np.abs(d).max())
+    rank = shape[1]
+    assert np.all(np.diag(d)[:rank] > 1e-3 * np.abs(d).max())
+    # the completion is the float64 oracle's: eigenvectors of P D P on the complement
+    w, v = np.linalg.eigh(s.astype(np.float64))
+    r = v[:, ::-1][:, :rank]
+    p = np.eye(s.shape[0]) - r @ r.T
+    dd = np.arange(s.shape[0], 0, -1.0)
+    _, vn = np.linalg.eigh(p @ np.diag(dd) @ p)
+    null = _canonical_np(vn[:, ::-1][:, : s.shape[0] - rank])
+    np.testing.assert_allclose(base[:, rank:], null, atol=5e-4)
+
+
+def test_qr_refresh_signs_and_rank_deficient_fallback():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(7, 7))
+    s = jnp.asarray(a @ a.T, jnp.float32)
+    q0 = jnp.asarray(np.linalg.qr(rng.normal(size=(7, 7)))[0], jnp.float32)
+    q, order = linalg.qr_refresh(s, q0)
+    sq = np.asarray(s, np.float64) @ np.asarray(q0, np.float64)[:, np.asarray(order)]
+    qw, rw = np.linalg.qr(sq)
+    qw = qw * np.where(np.diag(rw) < 0, -1, 1)[None, :]  # R with a positive diagonal
+    np.testing.assert_allclose(np.asarray(q), qw, atol=2e-4)
+    # rank deficient: the power step cannot determine the trailing columns; the canonical
+    # eigenbasis is used instead
+    g = rng.normal(size=(7, 2))
+    s_low = jnp.asarray(g @ g.T, jnp.float32)
+    q_low, _ = linalg.qr_refresh(s_low, q0)
+    np.testing.assert_allclose(
+        np.asarray(q_low), np.asarray(linalg.symmetric_eigenbasis(s_low)), atol=1e-6
+    )

@@ -3,6 +3,7 @@ from rlx_optax._src.linalg._precision import resolve_precision as resolve_precis
 from rlx_optax._src.linalg.eigen import apply_along_axes as apply_along_axes
 from rlx_optax._src.linalg.eigen import axis_cross_gram as axis_cross_gram
 from rlx_optax._src.linalg.eigen import axis_gram as axis_gram
+from rlx_optax._src.linalg.eigen import canonical_column_signs as canonical_column_signs
 from rlx_optax._src.linalg.eigen import permute_axis as permute_axis
 from rlx_optax._src.linalg.eigen import power_of_two_scale as power_of_two_scale
 from rlx_optax._src.linalg.eigen import qr_refresh as qr_refresh

@@ -52,8 +52,59 @@ def power_of_two_scale(x: jax.Array, *, at_least_one: bool = False) -> jax.Array
     return jnp.ldexp(jnp.ones([], ct), e)
 
 
+def canonical_column_signs(q: jax.Array) -> jax.Array:
+    r"""Flip columns of `q` so that each one's leading large entry is positive.
+
+    An eigenvector (or a Q-factor column) is defined up to its sign; LAPACK, XLA's own
+    solvers, GPUs and a different compilation each pick one. The convention here: the first
+    entry (lowest row index) whose magnitude is within 0.1% of the column's largest is made
+    positive. The tolerance makes near-ties (``(1, -1)/\sqrt2``) resolve to the same entry on
+    every machine instead of to whichever rounding made larger.
+
+    Args:
+      q: array of shape (n, k).
+
+    Returns:
+      `q` with some columns negated; a zero column stays zero.
+    """
+    mag = jnp.abs(q)
+    lead = jnp.argmax(mag >= (1 - 1e-3) * jnp.max(mag, axis=0, keepdims=True), axis=0)
+    sign = jnp.sign(jnp.take_along_axis(q, lead[None, :], axis=0))
+    return q * jnp.where(sign == 0, 1, sign).astype(q.dtype)
+
+
+def _rank_tolerance(n: int, dtype) -> float:
+    """Eigenvalues below this fraction of the largest are rounding noise of a null space.
+
+    Measured (float32, Gram statistics up to 2048 x 2048): the zero eigenvalues of a rank-
+    deficient statistic come out below 5e-7 of the largest, about 4 ulp, for every size; the
+    threshold n ulp is 10x to 1000x above that.
+    """
+    return max(n, 8) * float(jnp.finfo(dtype).eps)
+
+
+def _null_space_completion(q: jax.Array, rank: jax.Array) -> jax.Array:
+    r"""Replace the columns ``rank..n-1`` of orthonormal `q` by a fixed basis of their span.
+
+    The span is the orthogonal complement of the first `rank` columns; its basis is the
+    eigenvectors of :math:`P D P` with :math:`P` the projector onto it and
+    :math:`D = \mathrm{diag}(n, n-1, \dots, 1)`, by decreasing eigenvalue: a function of the
+    subspace only (for a complement spanned by standard basis vectors, those vectors in
+    order), whatever basis the solver returned.
+    """
+    n = q.shape[0]
+    kept = q * (jnp.arange(n) < rank).astype(q.dtype)[None, :]
+    p = jnp.eye(n, dtype=q.dtype) - jnp.matmul(kept, kept.T, precision=HIGHEST)
+    d = jnp.arange(n, 0, -1).astype(q.dtype)
+    m = jnp.matmul(p * d[None, :], p, precision=HIGHEST)
+    _, v = jnp.linalg.eigh(0.5 * (m + m.T))
+    v = v[:, ::-1]  # the complement first (eigenvalues >= 1), the range last (0)
+    take = jnp.clip(jnp.arange(n) - rank, 0, n - 1)
+    return jnp.where(jnp.arange(n)[None, :] < rank, q, v[:, take])
+
+
 def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
-    r"""Orthonormal eigenvectors of a symmetric matrix, by decreasing eigenvalue.
+    r"""Orthonormal eigenvectors of a symmetric matrix, by decreasing eigenvalue, canonical.
 
     Args:
       s: array of shape (n, n), symmetric (only its symmetric part is used: ``eigh`` reads
@@ -61,17 +112,29 @@ def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
 
     Returns:
       ``q`` of shape (n, n) with :math:`s = q\,\mathrm{diag}(\lambda)\,q^\top` and
-      :math:`\lambda_0 \ge \lambda_1 \ge \dots`. Eigenvectors of repeated eigenvalues are any
-      orthonormal basis of their eigenspace; signs are not normalised. A zero matrix gives an
-      orthonormal basis (the identity with XLA's ``eigh``), never NaN. `s` is divided by a power
-      of two near its largest entry first (exact, and the eigenvectors do not depend on the
-      scale), so any finite `s`, up to the largest float, gives a finite basis.
+      :math:`\lambda_0 \ge \lambda_1 \ge \dots`. What the mathematics leaves arbitrary is
+      made canonical, so that every backend, CPU vendor, compilation and sharding returns the
+      same basis up to rounding whenever the non-negligible eigenvalues are distinct:
+
+      * the sign of each column (`canonical_column_signs`);
+      * the basis of the (numerical) null space, the eigenvalues below ``n`` ulp of the
+        largest: a rank-deficient statistic (SOAP's first steps on a non-square gradient)
+        gets the fixed completion of `_null_space_completion` (a zero matrix: the identity).
+
+      `s` is divided by a power of two near its largest entry first (exact, and the
+      eigenvectors do not depend on the scale), so any finite `s`, up to the largest float,
+      gives a finite basis.
     """
     ct = jnp.promote_types(s.dtype, jnp.float32)
     s = s.astype(ct)
     s = s / power_of_two_scale(s)  # exact; `s + s.T` and eigh's norms cannot overflow
-    _, q = jnp.linalg.eigh(0.5 * (s + s.T))
-    return q[:, ::-1]  # eigh sorts ascending
+    w, q = jnp.linalg.eigh(0.5 * (s + s.T))
+    w, q = w[::-1], q[:, ::-1]  # eigh sorts ascending
+    n = s.shape[0]
+    rank = jnp.sum(w > _rank_tolerance(n, ct) * jnp.maximum(w[0], 0)).astype(jnp.int32)
+    rank = jnp.where(w[0] > 0, rank, 0)
+    q = jax.lax.cond(rank < n, _null_space_completion, lambda q, r: q, q, rank)
+    return canonical_column_signs(q)
 
 
 def qr_refresh(
@@ -86,6 +149,12 @@ def qr_refresh(
 
     Sorting first keeps the columns ordered by decreasing (estimated) eigenvalue, so state kept
     per column (SOAP's second moment) can follow them with the returned permutation.
+
+    The Q factor is made canonical: the diagonal of R is non-negative (the unique QR of a full-
+    rank matrix; solvers differ in the signs they return). When :math:`s\,q` is numerically
+    rank-deficient (a diagonal entry of R below ``n`` ulp of the largest), the columns past the
+    deficiency are not determined by `s` at all (every solver completes them differently), so
+    the refresh takes the canonical eigenbasis `symmetric_eigenbasis` of `s` instead.
 
     Args:
       s: array of shape (n, n), symmetric positive semi-definite.
@@ -104,7 +173,11 @@ def qr_refresh(
     sq = jnp.matmul(s, q, precision=precision)
     estimated = jnp.sum(q * sq, axis=0)  # diag(q^T s q) without forming q^T s q
     order = jnp.argsort(-estimated).astype(jnp.int32)
-    q_new, _ = jnp.linalg.qr(sq[:, order])
+    q_new, r = jnp.linalg.qr(sq[:, order])
+    diag = jnp.abs(jnp.diagonal(r))
+    deficient = jnp.any(diag <= _rank_tolerance(s.shape[0], ct) * jnp.max(diag))
+    signs = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(ct)
+    q_new = jax.lax.cond(deficient, lambda: symmetric_eigenbasis(s), lambda: q_new * signs[None, :])
     return q_new, order
 
 
