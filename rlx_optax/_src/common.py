@@ -92,6 +92,32 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def reject_complex(params: Any, algorithm: str) -> None:
+    """Raise a ValueError naming the first complex leaf of `params`.
+
+    The element-wise Adam family, SGD and Lion accept complex parameters as optax does (second
+    moments of :math:`|g|^2`); the algorithms that call this have no complex form here
+    (matrix preconditioners, factored or Hessian moments, trust ratios), and would otherwise
+    drop the imaginary part silently.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(
+                f"{algorithm} does not support complex parameters: leaf "
+                f"{jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}. Use "
+                "sgd, adam, adamw, nadamw, radam, qhadamw or lion for complex leaves "
+                "(optax.partition can route them), or split them into real and imaginary parts."
+            )
+
+
+def squared_magnitude(x: jax.Array) -> jax.Array:
+    """`x * x` for real `x`, :math:`|x|^2` (as x's dtype) for complex `x`."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return (x * jnp.conj(x)).real.astype(x.dtype)
+    return x * x
+
+
 def scalar_dtype() -> jnp.dtype:
     """The dtype of per-update scalars: float64 when JAX has it enabled, else float32.
 

@@ -34,7 +34,8 @@ def update_moments(g: jax.Array, m: jax.Array, v: jax.Array, b1: Any, b2: Any):
     ct = common.compute_dtype(g.dtype)
     b1, b2 = jnp.asarray(b1, ct), jnp.asarray(b2, ct)
     g = g.astype(ct)
-    return g, b1 * m.astype(ct) + (1 - b1) * g, b2 * v.astype(ct) + (1 - b2) * g * g
+    v = b2 * v.astype(ct) + (1 - b2) * common.squared_magnitude(g)  # |g|^2 for complex g
+    return g, b1 * m.astype(ct) + (1 - b1) * g, v
 
 
 def init_moments(state_cls: type, params: optax.Params, mu_dtype: Any) -> Any:

@@ -125,6 +125,7 @@ def scale_by_adafactor(
     common.check_range("min_dim_size_to_factor", min_dim_size_to_factor, 1)
 
     def init_fn(params):
+        common.reject_complex(params, "adafactor")
         min_dim = _static_int("min_dim_size_to_factor", min_dim_size_to_factor)
 
         def leaf(p):

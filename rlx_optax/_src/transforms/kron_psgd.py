@@ -242,6 +242,7 @@ def scale_by_kron_psgd(
         )
 
     def init_fn(params):
+        common.reject_complex(params, "kron_psgd")
         return KronPsgdState(
             count=jnp.zeros([], jnp.int32),
             key=key if probe == "random" else None,

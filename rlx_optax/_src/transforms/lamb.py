@@ -90,6 +90,7 @@ def scale_by_lamb(
         return mask(params) if callable(mask) else mask
 
     def init_fn(params):
+        common.reject_complex(params, "lamb")
         return _moments.init_moments(LambState, params, mu_dtype)
 
     def update_fn(updates, state, params=None):

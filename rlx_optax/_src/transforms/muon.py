@@ -122,6 +122,7 @@ def scale_by_muon(
     mu_value = momentum
 
     def init_fn(params):
+        common.reject_complex(params, "muon")
         return MuonState(
             count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
         )

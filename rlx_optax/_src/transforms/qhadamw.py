@@ -54,7 +54,7 @@ def scale_by_qhadam(
 
     def direction(g, m, v, ctx):
         num = (1 - nu1) * g + nu1 * (m / ctx.bc1)
-        return num / (jnp.sqrt((1 - nu2) * g * g + nu2 * (v / ctx.bc2)) + eps)
+        return num / (jnp.sqrt((1 - nu2) * common.squared_magnitude(g) + nu2 * (v / ctx.bc2)) + eps)
 
     return _moments.scale_by_moments(QHAdamWState, b1, b2, mu_dtype, direction)
 

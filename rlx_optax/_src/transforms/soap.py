@@ -242,6 +242,7 @@ def scale_by_soap(
         return mu, jnp.zeros(shape, p.dtype), zeros, eyes
 
     def init_fn(params):
+        common.reject_complex(params, "soap")
         parts = [common.tree_map_none(lambda p, k=k: init_leaf(p)[k], params) for k in range(4)]
         return SoapState(jnp.zeros([], jnp.int32), *parts)
 

@@ -185,6 +185,7 @@ def scale_by_sophia(
         common.check_positive_int("update_interval", update_interval)
 
     def init_fn(params):
+        common.reject_complex(params, "sophia")
         return SophiaState(
             count=jnp.zeros([], jnp.int32),
             mu=common.zeros_like_tree(params, mu_dtype),

@@ -50,6 +50,7 @@ def scale_by_stiefel(
     use_trace = not common._is_zero(momentum)
 
     def init_fn(params):
+        common.reject_complex(params, "stiefel")
         mu = common.zeros_like_tree(params, mu_dtype) if use_trace else None
         return StiefelState(count=jnp.zeros([], jnp.int32), mu=mu)
 
