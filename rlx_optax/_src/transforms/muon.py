@@ -209,7 +209,11 @@ def muon(
       momentum: :math:`\mu` in [0, 1).
       nesterov: Nesterov momentum.
       weight_decay: decoupled decay coefficient (multiplied by the learning rate).
-      ns_steps: Newton-Schulz iterations (crate name `ns_steps`).
+      ns_steps: Newton-Schulz iterations (crate name `ns_steps`). Under
+        `optax.inject_hyperparams` it becomes a traced count and runs a `lax.fori_loop`, which
+        JAX cannot differentiate in reverse mode: to take `jax.grad` through the update
+        (meta-gradients), keep it static with
+        ``optax.inject_hyperparams(rlx_optax.muon, static_args=("ns_steps",))``.
       ns_coeffs: Newton-Schulz coefficients (crate name `ns_coeffs`), or a per-iteration
         schedule of rows.
       shape_scale: ``"crate"``, ``"keller"``, ``"moonlight"`` or ``(rows, cols) -> float``.
