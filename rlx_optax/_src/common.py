@@ -111,6 +111,39 @@ def reject_complex(params: Any, algorithm: str) -> None:
             )
 
 
+#: The longest axis that gets a dense (d, d) preconditioner when the caller set no limit: the
+#: SOAP reference's own `max_precond_dim`. Past it one statistic alone is 400 MB of float32.
+MAX_DENSE_FACTOR = 10000
+
+
+def refuse_huge_factors(
+    params: Any,
+    algorithm: str,
+    dense_axes: Callable[[tuple[int, ...]], list[int]],
+    argument: str,
+    reference: tuple[int, str],
+) -> None:
+    """Raise a ValueError naming the leaf whose dense (d, d) factors would exceed the limit.
+
+    The crate rotates (or factors) every axis of a matrix, however long: an embedding of
+    (1, 200000) would build a 200000 x 200000 matrix (160 GB). Without an explicit limit
+    (`argument` None) such a leaf is refused at `init`, naming the argument that avoids it;
+    `reference` is that argument's value in the authors' code and what it does to longer axes.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        shape = tuple(getattr(leaf, "shape", ()))
+        too_long = [d for d in dense_axes(shape) if d > MAX_DENSE_FACTOR]
+        if too_long:
+            gb = sum(d * d for d in dense_axes(shape)) * 4 / 1e9
+            raise ValueError(
+                f"{algorithm}: leaf {jax.tree_util.keystr(path) or '<root>'} of shape {shape} "
+                f"would keep dense {too_long[0]} x {too_long[0]} preconditioner matrices "
+                f"({gb:.3g} GB of float32); pass {argument}=<limit> (the reference uses "
+                f"{reference[0]}; longer axes are then {reference[1]}), or "
+                f"{argument}={max(too_long)} to build them anyway."
+            )
+
+
 def squared_magnitude(x: jax.Array) -> jax.Array:
     """`x * x` for real `x`, :math:`|x|^2` (as x's dtype) for complex `x`."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating):

@@ -46,7 +46,7 @@ def power_of_two_scale(x: jax.Array, *, at_least_one: bool = False) -> jax.Array
       in the result as it would without the scale).
     """
     ct = jnp.promote_types(x.dtype, jnp.float32)
-    _, e = jnp.frexp(jnp.max(jnp.abs(x)).astype(ct))  # max|x| = m 2^e, 0.5 <= m < 1
+    _, e = jnp.frexp(jnp.max(jnp.abs(x), initial=0).astype(ct))  # max|x| = m 2^e, 0.5 <= m < 1
     # 2^126 at most: XLA may divide by multiplying with the reciprocal, and 2^-127 is subnormal
     e = jnp.clip(e, 0 if at_least_one else -126, 126)
     return jnp.ldexp(jnp.ones([], ct), e)

@@ -95,6 +95,8 @@ def gram_schmidt_rows(y: jax.Array, *, eps: float = 1e-12, precision: Any = None
     if replicated is not None:  # the row loop runs on a replicated copy (m x n, gathered once)
         y32 = jax.sharding.reshard(y32, replicated)
     m = y.shape[0]
+    if y.size == 0:  # no rows to orthonormalise (or rows of length 0)
+        return y
 
     def body(i, q):
         row = jax.lax.dynamic_index_in_dim(y32, i, keepdims=False)

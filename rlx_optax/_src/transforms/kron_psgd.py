@@ -29,6 +29,8 @@ def _plan(
     shape: tuple[int, ...], *, precondition_nd: bool, max_size_triangular: int | None
 ) -> tuple[str, ...] | None:
     """Per axis "tri" or "diag", or None for a leaf passed through (Python-static)."""
+    if 0 in shape:  # an empty leaf: nothing to precondition
+        return None
     if len(shape) == 2 or (precondition_nd and len(shape) >= 1):
         limit = math.inf if max_size_triangular is None else int(max_size_triangular)
         return tuple("tri" if len(shape) >= 2 and 1 < d <= limit else "diag" for d in shape)
@@ -191,6 +193,8 @@ def scale_by_kron_psgd(
         applied as psgd-jax does with a deterministic counter (update when
         ``calls since last >= 1/p``). Crate: 1.
       max_size_triangular: axes longer than this get a diagonal factor (reference: 8192).
+        With None (the crate: every matrix axis triangular) a leaf with an axis longer than
+        10000 is refused at `init`, naming the leaf (its factor alone would be d^2 floats).
       precondition_nd: give every leaf of rank >= 1 one factor per axis (reference); default
         preconditions matrices only (crate).
       factor_update: ``"crate"`` (right-multiplied step normalised by the Frobenius norm,
@@ -232,6 +236,10 @@ def scale_by_kron_psgd(
         factor_precision, apply_precision = jax.lax.Precision.HIGH, jax.lax.Precision.DEFAULT
     plan_kw = {"precondition_nd": precondition_nd, "max_size_triangular": max_size_triangular}
 
+    def _triangular_dims(shape):
+        kinds = _plan(shape, **plan_kw)
+        return [] if kinds is None else [d for d, k in zip(shape, kinds, strict=True) if k == "tri"]
+
     def init_leaf(p):
         kinds = _plan(p.shape, **plan_kw)
         if kinds is None:
@@ -243,6 +251,14 @@ def scale_by_kron_psgd(
 
     def init_fn(params):
         common.reject_complex(params, "kron_psgd")
+        if max_size_triangular is None:
+            common.refuse_huge_factors(
+                params,
+                "kron_psgd",
+                _triangular_dims,
+                "max_size_triangular",
+                (8192, "diagonal"),
+            )
         return KronPsgdState(
             count=jnp.zeros([], jnp.int32),
             key=key if probe == "random" else None,

@@ -171,6 +171,7 @@ def scale_by_mars(
 
     def init_fn(params):
         common.reject_complex(params, "mars")
+
         def leaf_or_none(pred, dtype=None):
             return jax.tree.map(
                 lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype) if pred(p) else None, params

@@ -46,7 +46,7 @@ def _shape_scale(shape_scale: str | Callable, rows: int, cols: int, layout: str)
     if shape_scale == "moonlight":
         return 0.2 * math.sqrt(max(rows, cols))
     fan_in, fan_out = (rows, cols) if layout == "in_out" else (cols, rows)
-    return math.sqrt(max(1.0, fan_out / fan_in))
+    return math.sqrt(max(1.0, fan_out / fan_in)) if fan_in else 1.0  # an empty leaf
 
 
 def scale_by_muon(

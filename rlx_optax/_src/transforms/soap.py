@@ -64,6 +64,7 @@ def _plan(
     if ndim >= 3 and precondition_nd and merge_dims:
         shape = _merged_shape(shape, limit)
     active = ndim == 2 or (ndim == 1 and precondition_1d) or (ndim >= 3 and precondition_nd)
+    active = active and 0 not in shape  # an empty leaf has nothing to rotate
     return shape, tuple(active and d <= limit for d in shape)
 
 
@@ -188,8 +189,9 @@ def scale_by_soap(
         (reference: one power-iteration step ``Q <- qr(L Q)`` after sorting the columns by
         their estimated eigenvalues, with the second moment permuted alike). The first basis is
         always a full eigendecomposition.
-      max_precond_dim: axes longer than this are not rotated (reference default 10000);
-        default None rotates every axis, as the crate (beware embeddings).
+      max_precond_dim: axes longer than this are not rotated (reference default 10000). With
+        None (the crate: every axis rotated) a leaf with an axis longer than 10000 is refused
+        at `init`, naming the leaf (its statistics alone would be d^2 floats).
       merge_dims: merge consecutive axes of rank >= 3 leaves while their product stays within
         `max_precond_dim` before preconditioning them (needs `precondition_nd`).
       precondition_nd: rotate every axis of rank >= 3 leaves (reference); default sends them to
@@ -228,6 +230,10 @@ def scale_by_soap(
 
     # The plan (working shape, rotated axes) is fixed at init: `update` reads it back from the
     # state (moments in the working shape, None for an axis passed through).
+    def _rotated_dims(shape):
+        working, active = _plan(shape, **plan_kw)
+        return [d for d, a in zip(working, active, strict=True) if a]
+
     def init_leaf(p):
         shape, active = _plan(p.shape, **plan_kw)
         st = common.compute_dtype(p.dtype)  # float32 for float32/bf16, float64 for float64
@@ -243,6 +249,10 @@ def scale_by_soap(
 
     def init_fn(params):
         common.reject_complex(params, "soap")
+        if max_precond_dim is None:
+            common.refuse_huge_factors(
+                params, "soap", _rotated_dims, "max_precond_dim", (10000, "not rotated")
+            )
         parts = [common.tree_map_none(lambda p, k=k: init_leaf(p)[k], params) for k in range(4)]
         return SoapState(jnp.zeros([], jnp.int32), *parts)
 
