@@ -144,13 +144,6 @@ def refuse_huge_factors(
             )
 
 
-def squared_magnitude(x: jax.Array) -> jax.Array:
-    """`x * x` for real `x`, :math:`|x|^2` (as x's dtype) for complex `x`."""
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return (x * jnp.conj(x)).real.astype(x.dtype)
-    return x * x
-
-
 def scalar_dtype() -> jnp.dtype:
     """The dtype of per-update scalars: float64 when JAX has it enabled, else float32.
 

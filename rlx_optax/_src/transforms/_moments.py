@@ -34,8 +34,8 @@ def update_moments(g: jax.Array, m: jax.Array, v: jax.Array, b1: Any, b2: Any):
     ct = common.compute_dtype(g.dtype)
     b1, b2 = jnp.asarray(b1, ct), jnp.asarray(b2, ct)
     g = g.astype(ct)
-    v = b2 * v.astype(ct) + (1 - b2) * common.squared_magnitude(g)  # |g|^2 for complex g
-    return g, b1 * m.astype(ct) + (1 - b1) * g, v
+    a = jnp.abs(g) if jnp.iscomplexobj(g) else g  # |g|^2 for complex g, as optax
+    return g, b1 * m.astype(ct) + (1 - b1) * g, b2 * v.astype(ct) + (1 - b2) * a * a
 
 
 def init_moments(state_cls: type, params: optax.Params, mu_dtype: Any) -> Any:

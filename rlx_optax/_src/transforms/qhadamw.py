@@ -53,8 +53,10 @@ def scale_by_qhadam(
     common.check_non_negative("eps", eps)
 
     def direction(g, m, v, ctx):
+        # |g| for complex g; ((1 - nu2) g) g keeps nu2 = 1 finite for a huge g (0 * inf = NaN)
+        a = jnp.abs(g) if jnp.iscomplexobj(g) else g
         num = (1 - nu1) * g + nu1 * (m / ctx.bc1)
-        return num / (jnp.sqrt((1 - nu2) * common.squared_magnitude(g) + nu2 * (v / ctx.bc2)) + eps)
+        return num / (jnp.sqrt((1 - nu2) * a * a + nu2 * (v / ctx.bc2)) + eps)
 
     return _moments.scale_by_moments(QHAdamWState, b1, b2, mu_dtype, direction)
 
