@@ -292,6 +292,9 @@ def scale_by_kron_psgd(
                 g_probe = g32 + damp * (jnp.mean(jnp.abs(g32) / k) * k) * v
             else:
                 g_probe, v = g32, g32
+            # the factors are a preconditioner: no gradient flows through their update (a meta-
+            # gradient would otherwise meet d|M|/dM at M = 0, the crate's exact zero, as NaN)
+            g_probe, v = jax.lax.stop_gradient(g_probe), jax.lax.stop_gradient(v)
             factors = jax.lax.cond(
                 do_update,
                 lambda fs: _update_factors(

@@ -274,7 +274,9 @@ def scale_by_soap(
             gw = g.astype(ct).reshape(mw.shape)
 
             def accumulate(stats):
-                g32 = gw.astype(common.compute_dtype(gw.dtype))
+                # statistics and bases are a preconditioner: no gradient flows into them (a
+                # meta-gradient through eigh of a rank-deficient statistic is NaN)
+                g32 = jax.lax.stop_gradient(gw).astype(common.compute_dtype(gw.dtype))
                 k = linalg.power_of_two_scale(g32, at_least_one=True)
                 return tuple(
                     None if s is None else _ema_gram(s, g32, k, axis, beta_s, precision)
