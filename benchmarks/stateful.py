@@ -71,7 +71,7 @@ def pure_step_fn(row: registry.Algorithm, params: dict, grads: dict):
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
-        s = stateful._own_buffers(s, *jax.tree.leaves(g))  # MARS keeps g: never donate it
+        s = stateful.own_buffers(s, *jax.tree.leaves(g))  # MARS keeps g: never donate it
         return optax.apply_updates(p, u), s
 
     step = jax.jit(step, donate_argnums=(0, 1))
