@@ -77,9 +77,10 @@ class Compiled:
         self.injected = kwargs.get("learning_rate") is not None
         if not self.injected:
             static.append("learning_rate")
-        self.tx = optax.inject_hyperparams(
-            row.factory, static_args=tuple(static), hyperparam_dtype=jnp.float32
-        )(**kwargs)
+        # The learning rate is data at the parameter's precision (inject_hyperparams casts it
+        # to the parameter dtype when hyperparam_dtype is None), as a Python float is in the
+        # pure transform: float32 for float32 params, float64 for float64 ones.
+        self.tx = optax.inject_hyperparams(row.factory, static_args=tuple(static))(**kwargs)
         self.counted = row.crate_counter
         self.first_sight = row.first_sight_fields
         self.traces = 0

@@ -180,7 +180,7 @@ class Optimizer:
         if tx.first_sight and self._step > 0:
             fresh = tuple(sorted(n for n in names if n not in self._slots))
         states = {c[0]: self._state(tx, c) for c in checked}
-        lrs = np.array([self._lr(n) for n in sorted(names)], np.float32)
+        lrs = tuple(self._lr(n) for n in sorted(names))
         new_states, new_params = tx.batch[donate](
             states,
             {c[0]: c[2] for c in checked},
@@ -228,8 +228,9 @@ class Optimizer:
 
     # -------------------------------------------------------------- helpers
 
-    def _lr(self, name: str) -> np.float32:
-        return np.float32(0.0 if self.lr is None else self.lr * self.lr_scale(name))
+    def _lr(self, name: str) -> float:
+        # A Python float: traced as a weak-typed scalar, cast to the parameter's dtype inside.
+        return 0.0 if self.lr is None else float(self.lr * self.lr_scale(name))
 
     def _state(self, tx: Compiled, item: tuple) -> Any:
         slot = self._slots.get(item[0])
