@@ -18,13 +18,16 @@ import optax
 
 from rlx_optax._src import registry
 
+# State fields that count updates (Adafactor's step size keeps its own ``step_count``).
+_COUNTERS = ("count", "step_count")
+
 
 def with_step(tree: Any, step: jax.Array) -> Any:
-    """`tree` with every NamedTuple field named ``count`` replaced by the global step."""
+    """`tree` with every NamedTuple counter field (`_COUNTERS`) set to the global step."""
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(
             *(
-                step.astype(v.dtype) if f == "count" else with_step(v, step)
+                step.astype(v.dtype) if f in _COUNTERS else with_step(v, step)
                 for f, v in zip(tree._fields, tree, strict=True)
             )
         )
