@@ -223,6 +223,15 @@ def test_set_lr_refuses_negative_and_non_finite(bad):
     np.testing.assert_array_equal(p, p0 * (1 - 0.0))
 
 
+def test_a_negative_lr_scale_is_refused_before_anything_changes():
+    opt = rlx_optax.AdamW(0.01, lr_scale={"w": -2.0})
+    p = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"'w'.*lr_scale"):
+        opt.step("w", (4, 3), p, np.ones((4, 3), np.float32))
+    np.testing.assert_array_equal(p, 1.0)
+    assert opt.state_dict()["tensors"] == {}
+
+
 def test_adafactor_lr_may_be_none_others_may_not():
     opt = rlx_optax.Adafactor()
     opt.set_lr(None)

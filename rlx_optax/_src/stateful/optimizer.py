@@ -9,6 +9,7 @@ compiled in `compiled.Compiled`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -230,7 +231,14 @@ class Optimizer:
 
     def _lr(self, name: str) -> float:
         # A Python float: traced as a weak-typed scalar, cast to the parameter's dtype inside.
-        return 0.0 if self.lr is None else float(self.lr * self.lr_scale(name))
+        if self.lr is None:
+            return 0.0
+        lr = float(self.lr * self.lr_scale(name))
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(
+                f"parameter {name!r}: lr * lr_scale({name!r}) = {lr}, must be finite and >= 0"
+            )
+        return lr
 
     def _state(self, tx: Compiled, item: tuple) -> Any:
         slot = self._slots.get(item[0])
