@@ -42,6 +42,7 @@ except ImportError:  # run as a script
     from benchmarks import harness
 
 import charlm  # noqa: E402
+import plotstyle  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlx_optax._src import registry  # noqa: E402
@@ -223,6 +224,22 @@ def run_problem(problem: Problem, rows, steps: int, eval_every: int, seeds: int)
     return out
 
 
+def draw(ax, problem: str, results: dict, eval_every: int, target: float) -> None:
+    """The convergence curves of `results` on `ax`: one colour and line style per algorithm,
+    the target drawn and labelled."""
+    for name, r in results.items():
+        curve = np.asarray(r["curve_mean"])
+        steps = np.arange(len(curve)) * eval_every
+        ax.plot(steps, curve, label=f"{name} (lr {r['best_lr']:.2g})", **plotstyle.style(name))
+    plotstyle.target_line(ax, target, "target (steps-to-target)")
+    ax.set_yscale("log" if problem == "quadratic" else "linear")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over seeds, best lr)")
+    ax.set_title(problem)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+
+
 def plot(problem: str, results: dict, eval_every: int, target: float, path: pathlib.Path):
     import matplotlib
 
@@ -230,16 +247,7 @@ def plot(problem: str, results: dict, eval_every: int, target: float, path: path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, r in results.items():
-        curve = np.asarray(r["curve_mean"])
-        ax.plot(np.arange(len(curve)) * eval_every, curve, label=f"{name} ({r['best_lr']:.2g})")
-    ax.axhline(target, color="gray", lw=0.8, ls="--")
-    ax.set_yscale("log" if problem == "quadratic" else "linear")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over seeds, best lr)")
-    ax.set_title(problem)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    draw(ax, problem, results, eval_every, target)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """The stateful (crate-style) API: dispatch overhead and `step_batch` against the pure step.
 
-Measured in one process (DESIGN.md, Performance method):
+Measured in one process (README, Benchmarks):
 
 - ``dispatch``: one ``AdamW.step`` on a 1,000-element float32 tensor (NumPy in place, and JAX
   arrays), next to the jitted pure ``update + apply_updates`` call on the same tensor; the
@@ -71,7 +71,7 @@ def pure_step_fn(row: registry.Algorithm, params: dict, grads: dict):
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
-        s = stateful._own_buffers(s, *jax.tree.leaves(g))  # MARS keeps g: never donate it
+        s = stateful.own_buffers(s, *jax.tree.leaves(g))  # MARS keeps g: never donate it
         return optax.apply_updates(p, u), s
 
     step = jax.jit(step, donate_argnums=(0, 1))

@@ -55,6 +55,7 @@ from rlx_optax._src.transforms.nadamw import scale_by_nadamw as scale_by_nadamw
 from rlx_optax._src.transforms.qhadamw import QHAdamWState as QHAdamWState
 from rlx_optax._src.transforms.qhadamw import qhadamw as qhadamw
 from rlx_optax._src.transforms.qhadamw import scale_by_qhadam as scale_by_qhadam
+from rlx_optax._src.transforms.qhadamw import scale_by_qhadamw as scale_by_qhadamw
 from rlx_optax._src.transforms.radam import RAdamState as RAdamState
 from rlx_optax._src.transforms.radam import radam as radam
 from rlx_optax._src.transforms.radam import scale_by_radam as scale_by_radam
@@ -77,9 +78,10 @@ __version__ = "0.1.0"
 
 # Names whose modules need an optional extra (flax: `rlx_optax[flax]`, grain and array-record:
 # `rlx_optax[data]`) are imported on first use, so `import rlx_optax` works without them. They
-# are left out of __all__ so that `from rlx_optax import *` never needs the extras.
+# are in __all__ when their extra is installed (so `from rlx_optax import *` never fails).
 _LAZY = {
     "Trainer": ("rlx_optax._src.trainer", "flax"),
+    "UpdateContext": ("rlx_optax._src.trainer", "flax"),
     "DataLoader": ("rlx_optax._src.data", "data"),
     "RecordWriter": ("rlx_optax._src.data", "data"),
     "RecordDataset": ("rlx_optax._src.data", "data"),
@@ -155,6 +157,7 @@ __all__ = [
     "scale_by_muon",
     "scale_by_nadamw",
     "scale_by_qhadam",
+    "scale_by_qhadamw",
     "scale_by_radam",
     "scale_by_sgd",
     "scale_by_soap",
@@ -171,3 +174,18 @@ __all__ = [
 # The crate-style classes (Sgd, AdamW, Muon, ...): one per registered algorithm, generated.
 globals().update(_stateful.CLASSES)
 __all__ += ["Optimizer", *_stateful.CLASSES]
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_EXTRA_MODULES = {"flax": ("flax",), "data": ()}  # data.py imports grain lazily
+__all__ += [
+    name for name, (_, extra) in _LAZY.items() if all(_installed(m) for m in _EXTRA_MODULES[extra])
+]

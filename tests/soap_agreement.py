@@ -119,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    print(f"| problem | mode | eager vs jit | vmap vs jit | float64 vs float32 | ({args.steps} steps)")
+    print(f"{args.steps} steps")
+    print("| problem | mode | eager vs jit | vmap vs jit | float64 vs float32 |")
     print("|---|---|---|---|---|")
     for problem in ("digits", "lsq"):
         for mode in MODES:

@@ -102,7 +102,7 @@ def test_constructor_keywords_and_bad_hyperparameters():
     assert "AdamW(lr=0.0003" in repr(opt)
     with pytest.raises(ValueError, match="AdamW.*b1"):
         rlx_optax.AdamW(0.1, beta1=1.5)
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(ValueError, match="Sgd: lr must be a non-negative"):
         rlx_optax.Sgd(-1.0)
 
 

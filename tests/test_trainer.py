@@ -218,3 +218,81 @@ def test_save_refuses_to_overwrite(tmp_path):
     with pytest.raises(ValueError):
         trainer.save(str(tmp_path / "c"))
     trainer.save(str(tmp_path / "c"), force=True)
+
+
+# --------------------------------------------------------------------------- update_kwargs
+
+
+def _plain_loop(tx, batches, kwargs_fn, keep_previous=False, seed=0):
+    """The same training written by hand: jax.grad, tx.update(**kwargs), apply_updates."""
+    graphdef, params, rest = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, ...)
+    opt_state = tx.init(params)
+    previous = params
+
+    @jax.jit
+    def step(params, opt_state, previous, batch, k):
+        def obj_fn(p):
+            return xent(nnx.merge(graphdef, p, rest), batch)
+
+        grads = jax.grad(obj_fn)(params)
+        key = jax.random.fold_in(jax.random.key(seed), k)
+        kwargs = kwargs_fn(obj_fn, params, grads, key, previous)
+        updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
+        return optax.apply_updates(params, updates), opt_state, params
+
+    for k, batch in enumerate(batches):
+        params, opt_state, prev = step(params, opt_state, previous, batch, k)
+        previous = prev if keep_previous else params
+    return params
+
+
+_CASES = {
+    "sophia_hessian_diag": (
+        lambda: rlx_optax.sophia(0.05),
+        lambda c: {"hessian_diag": rlx_optax.hutchinson_diag(c.obj_fn, c.params, c.key)},
+        lambda f, p, g, k, prev: {"hessian_diag": rlx_optax.hutchinson_diag(f, p, k)},
+        False,
+    ),
+    "sophia_estimator": (
+        lambda: rlx_optax.sophia(
+            0.05, hessian_estimator=rlx_optax.hutchinson_diag, update_interval=2
+        ),
+        lambda c: {"obj_fn": c.obj_fn, "key": c.key},
+        lambda f, p, g, k, prev: {"obj_fn": f, "key": k},
+        False,
+    ),
+    "mars_exact": (
+        lambda: rlx_optax.mars(0.01, exact=True),
+        lambda c: {"previous_grads": jax.grad(c.obj_fn)(c.previous_params)},
+        lambda f, p, g, k, prev: {"previous_grads": jax.grad(f)(prev)},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_update_kwargs_train_sophia_and_mars_exact_like_a_plain_loop(case):
+    make_tx, ctx_fn, plain_fn, keep = _CASES[case]
+    batches = list(rlx_optax.DataLoader(toy_data(), 8))
+    trainer = rlx_optax.Trainer(
+        MLP(nnx.Rngs(0)), make_tx(), xent, update_kwargs=ctx_fn, keep_previous_params=keep
+    )
+    start = leaves(nnx.state(trainer.model, nnx.Param))
+    for batch in batches:
+        trainer.train_step(batch)
+    want = _plain_loop(make_tx(), batches, plain_fn, keep_previous=keep)
+    got = leaves(nnx.state(trainer.model, nnx.Param))
+    assert any(not np.array_equal(a, b) for a, b in zip(got, start, strict=True))
+    for a, b in zip(got, leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mars_exact_without_previous_grads_fails_clearly_and_bad_update_kwargs():
+    trainer = rlx_optax.Trainer(MLP(nnx.Rngs(0)), rlx_optax.mars(0.01, exact=True), xent)
+    batch = next(iter(rlx_optax.DataLoader(toy_data(), 8)))
+    with pytest.raises(ValueError, match="previous_grads"):
+        trainer.train_step(batch)
+    with pytest.raises(ValueError, match="update_kwargs"):
+        rlx_optax.Trainer(MLP(nnx.Rngs(0)), injected_adamw(), xent, update_kwargs=3)
+    with pytest.raises(ValueError, match="keep_previous_params"):
+        rlx_optax.Trainer(MLP(nnx.Rngs(0)), injected_adamw(), xent, keep_previous_params=True)

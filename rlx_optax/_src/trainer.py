@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,19 +22,60 @@ from rlx_optax._src import common, schedules
 Hook = Callable[[Any], tuple[Any, dict[str, Any]]]
 
 
-def _step(graphdef, loss_fn, wrt, has_aux, hook, state, batch, sums):
-    """One update, pure: (state, batch, (loss_sum, count)) -> (state, loss, sums, metrics)."""
+class UpdateContext(NamedTuple):
+    """What `Trainer`'s ``update_kwargs(ctx)`` sees inside the jitted step.
+
+    Attributes:
+      obj_fn: ``obj_fn(params) -> loss`` of the current batch as a function of the trained
+        variables (an `nnx.State` like `params`): what Sophia's estimators and MARS-exact need.
+      params: the trained variables before this update.
+      grads: the gradients of this step (after the hook).
+      key: a PRNG key for this step, ``fold_in(key(seed), optimizer step)``.
+      previous_params: the trained variables before the previous update (the current ones at
+        the first step); None unless the Trainer was built with ``keep_previous_params=True``.
+      batch: the current batch.
+    """
+
+    obj_fn: Callable[[Any], jax.Array]
+    params: Any
+    grads: Any
+    key: jax.Array
+    previous_params: Any
+    batch: Any
+
+
+UpdateKwargs = Callable[[UpdateContext], dict[str, Any]]
+
+
+def _step(graphdef, loss_fn, wrt, has_aux, hook, extra, state, batch, sums, aux):
+    """One update, pure: (state, batch, (loss_sum, count), aux) -> (state, loss, sums, metrics,
+    aux); `aux` is ``(seed key, previous params or None)``."""
     model, optimizer = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
     out, grads = grad_fn(model, batch)
     loss, metrics = out if has_aux else (out, {})
     if hook is not None:
-        grads, extra = hook(grads)
-        metrics = {**metrics, **extra}
-    optimizer.update(model, grads)
+        grads, extra_metrics = hook(grads)
+        metrics = {**metrics, **extra_metrics}
+    kwargs = {}
+    seed, previous = aux
+    if extra is not None:
+        mgraph, params, rest = nnx.split(model, wrt, ...)
+
+        def obj_fn(p):
+            value = loss_fn(nnx.merge(mgraph, p, rest), batch)
+            return value[0] if has_aux else value
+
+        key = jax.random.fold_in(seed, optimizer.step[...])
+        prev = params if previous is None else previous
+        ctx = UpdateContext(obj_fn, params, grads, key, prev, batch)
+        kwargs = extra(ctx)
+        if previous is not None:
+            previous = jax.tree.map(jnp.copy, params)
+    optimizer.update(model, grads, **kwargs)
     n = jax.tree.leaves(batch)[0].shape[0]  # static: the batch size
     sums = (sums[0] + loss.astype(jnp.float32) * n, sums[1] + n)
-    return nnx.state((model, optimizer)), loss, sums, metrics
+    return nnx.state((model, optimizer)), loss, sums, metrics, (seed, previous)
 
 
 class Trainer:
@@ -50,6 +91,15 @@ class Trainer:
       wrt: which variables are trained (an `nnx` filter), as in `nnx.Optimizer`.
       has_aux: `loss_fn` also returns a dict of metrics.
       log_every: `fit` refreshes the progress bar (one host sync) every this many steps.
+      update_kwargs: ``fn(ctx: UpdateContext) -> dict`` of extra keyword arguments for the
+        transform's ``update``, built inside the jitted step: Sophia with an estimate
+        (``lambda c: {"hessian_diag": rlx_optax.hutchinson_diag(c.obj_fn, c.params,
+        c.key)}``) or its built-in estimator (``lambda c: {"obj_fn": c.obj_fn, "key":
+        c.key}``), MARS-exact (``lambda c: {"previous_grads":
+        jax.grad(c.obj_fn)(c.previous_params)}`` with ``keep_previous_params=True``).
+      keep_previous_params: keep a copy of the trained variables before each update, for
+        ``ctx.previous_params`` (one more copy of the parameters).
+      seed: seed of ``ctx.key``.
 
     Attributes: ``model``, ``optimizer`` (the `nnx.Optimizer`), ``epoch`` (epochs finished by
     `fit`). The loss is summed on the device, weighted by batch size (the first axis of the
@@ -79,25 +129,39 @@ class Trainer:
         wrt: Any = nnx.Param,
         has_aux: bool = False,
         log_every: int = 10,
+        update_kwargs: UpdateKwargs | None = None,
+        keep_previous_params: bool = False,
+        seed: int = 0,
     ):
         common.check_positive_int("log_every", log_every)
+        if update_kwargs is not None and not callable(update_kwargs):
+            raise ValueError("update_kwargs must be a callable ctx -> dict, or None")
+        if keep_previous_params and update_kwargs is None:
+            raise ValueError("keep_previous_params=True is only used by update_kwargs: pass it")
         self.model = model
         self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
         self.loss_fn = loss_fn
         self.wrt = wrt
         self.has_aux = has_aux
         self.log_every = log_every
+        self.update_kwargs = update_kwargs
         self.epoch = 0
         self._compiled: dict[Any, Callable] = {}
+        previous = None
+        if keep_previous_params:
+            previous = jax.tree.map(jnp.copy, nnx.state(model, wrt))
+        self._aux = (jax.random.key(seed), previous)
         self.reset_epoch()
 
     # ----------------------------------------------------------------- steps
     def _compiled_step(self, hook: Hook | None) -> Callable:
         if hook not in self._compiled:
             graphdef = nnx.graphdef((self.model, self.optimizer))
-            fn = functools.partial(_step, graphdef, self.loss_fn, self.wrt, self.has_aux, hook)
-            # Donate the model/optimizer state and the loss sums: updated in place.
-            self._compiled[hook] = jax.jit(fn, donate_argnums=(0, 2))
+            fn = functools.partial(
+                _step, graphdef, self.loss_fn, self.wrt, self.has_aux, hook, self.update_kwargs
+            )
+            # Donate the model/optimizer state, the loss sums and the previous parameters.
+            self._compiled[hook] = jax.jit(fn, donate_argnums=(0, 2, 3))
         return self._compiled[hook]
 
     def train_step_with(self, hook: Hook | None, batch: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -115,7 +179,7 @@ class Trainer:
         """
         state = nnx.state((self.model, self.optimizer))
         step = self._compiled_step(hook)
-        state, loss, self._sums, metrics = step(state, batch, self._sums)
+        state, loss, self._sums, metrics, self._aux = step(state, batch, self._sums, self._aux)
         nnx.update((self.model, self.optimizer), state)
         return loss, metrics
 

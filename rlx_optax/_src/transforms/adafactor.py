@@ -35,9 +35,15 @@ class AdafactorState(NamedTuple):
     mu: optax.Updates | None  # EMA of the clipped update, when momentum is used
 
 
-def _static_int(name: str, value: Any) -> int:
+def _static_int(name: str, value: Any, default: int) -> int:
+    if value is None:
+        return default
     if isinstance(value, jax.core.Tracer):
-        raise ValueError(f"{name} must be a concrete integer when the state is created")
+        raise ValueError(
+            f"{name} decides the state's shapes, so it must be a concrete integer when the "
+            f"state is created: under optax.inject_hyperparams name it static "
+            f"(static_args=({name!r},)), or leave it at its default None"
+        )
     return int(value)
 
 
@@ -75,7 +81,7 @@ def scale_by_adafactor(
     clipping_threshold: float = 1.0,
     *,
     factored: str = "rank2",
-    min_dim_size_to_factor: int = 1,
+    min_dim_size_to_factor: int | None = None,
     factored_normalization: str = "sum",
     clipping_rule: str = "crate",
     momentum: float | None = None,
@@ -103,7 +109,8 @@ def scale_by_adafactor(
       factored: ``"rank2"`` (crate: only rank-2 leaves), ``"last_two"`` (reference, HF and
         t2t: the last two axes of every leaf of rank >= 2) or ``"none"``.
       min_dim_size_to_factor: factor only when both factored axes are at least this long
-        (the crate has no minimum: 1; optax uses 128).
+        (None: 1, the crate has no minimum; optax uses 128). It fixes the state's shapes: under
+        `optax.inject_hyperparams` with a jitted `init`, pass it in ``static_args``.
       factored_normalization: ``"sum"`` (crate: divide :math:`r c^\top` by the sum of the row
         means) or ``"mean"`` (paper: by their mean, exact for rank-1 :math:`\hat g^2`).
       clipping_rule: ``"crate"`` (:math:`\max(1, \mathrm{RMS}\cdot d)`) or ``"paper"``
@@ -126,7 +133,7 @@ def scale_by_adafactor(
 
     def init_fn(params):
         common.reject_complex(params, "adafactor")
-        min_dim = _static_int("min_dim_size_to_factor", min_dim_size_to_factor)
+        min_dim = _static_int("min_dim_size_to_factor", min_dim_size_to_factor, 1)
 
         def leaf(p):
             dt = common.compute_dtype(p.dtype)
@@ -191,9 +198,13 @@ def scale_by_adafactor(
 
 
 class ScaleByStepSizeState(NamedTuple):
-    """State of `scale_by_adafactor_step_size`."""
+    """State of `scale_by_adafactor_step_size`.
 
-    count: jax.Array
+    The counter is ``step_count``, not ``count``: `AdafactorState` has the ``count`` of the
+    chain, so ``optax.tree.get(state, "count")`` finds exactly one.
+    """
+
+    step_count: jax.Array
     schedule: optax.OptState  # state of `optax.scale_by_learning_rate`, or EmptyState
 
 
@@ -239,7 +250,7 @@ def scale_by_adafactor_step_size(
         return ScaleByStepSizeState(jnp.zeros([], jnp.int32), inner)
 
     def update_fn(updates, state, params=None):
-        count = optax.safe_increment(state.count)
+        count = optax.safe_increment(state.step_count)
         inner = state.schedule
         if rate is not None:
             updates, inner = rate.update(updates, inner, params)
@@ -272,7 +283,7 @@ def adafactor(
     weight_decay: float = 0.0,
     *,
     factored: str = "rank2",
-    min_dim_size_to_factor: int = 1,
+    min_dim_size_to_factor: int | None = None,
     factored_normalization: str = "sum",
     clipping_rule: str = "crate",
     momentum: float | None = None,
@@ -297,9 +308,10 @@ def adafactor(
     ``factored="last_two"`` (factor the last two axes of n-D leaves),
     ``min_dim_size_to_factor``, ``momentum``, ``clipping_rule="paper"``,
     ``factored_normalization="mean"``, ``multiply_by_parameter_scale=True`` (HF's
-    ``scale_parameter`` with a manual rate). Hyperparameters are all traceable, so
-    ``optax.inject_hyperparams(adafactor)`` needs no static arguments (optax's adafactor
-    does, optax issue 412).
+    ``scale_parameter`` with a manual rate). With the defaults every hyperparameter is
+    traceable, so ``optax.inject_hyperparams(adafactor)`` needs no static arguments, also under
+    ``jax.jit(tx.init)`` (optax's adafactor does, optax issue 412); an explicit
+    ``min_dim_size_to_factor`` shapes the state and must then be named in ``static_args``.
 
     Args:
       learning_rate: None (relative step size) or a float or optax schedule.
@@ -310,7 +322,8 @@ def adafactor(
       clipping_threshold: :math:`d` (crate field `clip_threshold`).
       weight_decay: :math:`\lambda`, decoupled, multiplied by :math:`\alpha_t`.
       factored: ``"rank2"``, ``"last_two"`` or ``"none"`` (see `scale_by_adafactor`).
-      min_dim_size_to_factor: minimum length of both factored axes.
+      min_dim_size_to_factor: minimum length of both factored axes (None: 1). Under
+        `optax.inject_hyperparams` with a jitted `init` name it in ``static_args``.
       factored_normalization: ``"sum"`` (crate) or ``"mean"`` (paper).
       clipping_rule: ``"crate"`` or ``"paper"``.
       momentum: :math:`\beta_1` of an EMA of the clipped update (None: none).

@@ -42,7 +42,11 @@ def _norm_finite(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
         x = values()
         return jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0.0))
 
-    return jnp.sqrt(jax.lax.cond(jnp.isfinite(total), lambda: total, masked))
+    total = jax.lax.cond(jnp.isfinite(total), lambda: total, masked)
+    # A safe square root: the same value, and a zero (not NaN) derivative at a zero norm, so
+    # that gradients through an update (meta-learning) stay finite on leaves that are zero.
+    positive = total > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1.0)), 0.0)
 
 
 def scale_by_lamb(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -13,14 +14,14 @@ from rlx_optax._src.transforms import _moments
 
 
 class QHAdamWState(NamedTuple):
-    """State of `scale_by_qhadam`."""
+    """State of `scale_by_qhadamw`."""
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
 
 
-def scale_by_qhadam(
+def scale_by_qhadamw(
     b1: float = 0.995,
     b2: float = 0.999,
     nu1: float = 0.7,
@@ -59,6 +60,16 @@ def scale_by_qhadam(
         return num / (jnp.sqrt((1 - nu2) * a * a + nu2 * (v / ctx.bc2)) + eps)
 
     return _moments.scale_by_moments(QHAdamWState, b1, b2, mu_dtype, direction)
+
+
+def scale_by_qhadam(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
+    """Deprecated name of `scale_by_qhadamw` (the building block is named after its alias)."""
+    warnings.warn(
+        "rlx_optax.scale_by_qhadam is deprecated: use rlx_optax.scale_by_qhadamw",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return scale_by_qhadamw(*args, **kwargs)
 
 
 def qhadamw(
@@ -104,5 +115,5 @@ def qhadamw(
       https://arxiv.org/abs/1810.06801
     """
     return common.alias(
-        scale_by_qhadam(b1, b2, nu1, nu2, eps, mu_dtype), learning_rate, weight_decay, mask
+        scale_by_qhadamw(b1, b2, nu1, nu2, eps, mu_dtype), learning_rate, weight_decay, mask
     )

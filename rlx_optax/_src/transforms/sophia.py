@@ -193,7 +193,8 @@ def scale_by_sophia(
             win_rate=jnp.full([], jnp.nan, jnp.float32),
         )
 
-    def update_fn(updates, state, params=None, *, hessian_diag=None, obj_fn=None, key=None, **_):
+    def update_fn(updates, state, params=None, *, hessian_diag=None, obj_fn=None, key=None, **kw):
+        _check_keywords(kw)
         h = state.h
         if hessian_diag is not None:
             h = _fold_hessian(h, hessian_diag, b2)
@@ -239,6 +240,22 @@ def scale_by_sophia(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_keywords(extra: dict[str, Any]) -> None:
+    """Refuse a misspelled Hessian keyword (``hessian=``, ``hess_diag=``, ...).
+
+    `update` must accept keywords meant for other members of an `optax.chain` (a chain passes
+    every extra argument to every member), so unknown keywords in general pass; a keyword that
+    names a Hessian but is not ``hessian_diag`` can only be a mistake that would otherwise run
+    the step without the estimate.
+    """
+    for name in extra:
+        if "hess" in name.lower():
+            raise ValueError(
+                f"sophia's update got the keyword {name!r}: the Hessian-diagonal estimate is "
+                "passed as hessian_diag=..."
+            )
+
+
 def _win_rate(ratio: Any, rho: Any) -> jax.Array:
     inside = jnp.zeros([], jnp.float32)
     total = 0
@@ -271,7 +288,19 @@ def sophia(
         \epsilon), \pm\rho\big) + \lambda\theta\Big)
 
     Defaults are the crate's (:math:`\beta_1` 0.965, :math:`\beta_2` 0.99, :math:`\gamma` 0.01,
-    :math:`\rho` 0.04, :math:`\epsilon` 1e-12, :math:`\lambda` 0.1). The Hessian diagonal comes
+    :math:`\rho` 0.04, :math:`\epsilon` 1e-12, :math:`\lambda` 0.1).
+
+    **Without a Hessian estimate Sophia is sign descent.** Until the first estimate arrives
+    (through ``hessian_diag=`` or `hessian_estimator`), ``h = 0``, the denominator is `eps`
+    and every step is :math:`\eta(\rho\operatorname{sign}(m) + \lambda\theta)`, as in the
+    crate when `update_hessian` is never called. Pass an estimate at least at the first step
+    (``rlx_optax.hutchinson_diag``, ``gauss_newton_bartlett_diag``, or
+    ``constant_hessian_diag`` for the crate's ``hessian_init``); in a Flax loop,
+    ``rlx_optax.Trainer(..., update_kwargs=...)`` passes it. A misspelled keyword naming a
+    Hessian (``hessian=``) raises a ValueError; other unknown keywords are ignored, because
+    `optax.chain` hands every extra argument to every member.
+
+    The Hessian diagonal comes
     in through ``update(..., hessian_diag=...)`` (see `scale_by_sophia`), so the optimizer works
     as it is inside `optax.chain`, `optax.masked`, `optax.partition` and
     `flax.nnx.Optimizer.update(model, grads, hessian_diag=...)`, where only a pytree is passed.
