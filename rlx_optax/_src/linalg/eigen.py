@@ -83,7 +83,9 @@ def _rank_tolerance(n: int, dtype) -> float:
     return max(n, 8) * float(jnp.finfo(dtype).eps)
 
 
-def _null_space_completion(q: jax.Array, rank: jax.Array) -> jax.Array:
+def _null_space_completion(
+    q: jax.Array, rank: jax.Array, precision: Precision = HIGHEST
+) -> jax.Array:
     r"""Replace the columns ``rank..n-1`` of orthonormal `q` by a fixed basis of their span.
 
     The span is the orthogonal complement of the first `rank` columns; its basis is the
@@ -94,21 +96,22 @@ def _null_space_completion(q: jax.Array, rank: jax.Array) -> jax.Array:
     """
     n = q.shape[0]
     kept = q * (jnp.arange(n) < rank).astype(q.dtype)[None, :]
-    p = jnp.eye(n, dtype=q.dtype) - jnp.matmul(kept, kept.T, precision=HIGHEST)
+    p = jnp.eye(n, dtype=q.dtype) - jnp.matmul(kept, kept.T, precision=precision)
     d = jnp.arange(n, 0, -1).astype(q.dtype)
-    m = jnp.matmul(p * d[None, :], p, precision=HIGHEST)
+    m = jnp.matmul(p * d[None, :], p, precision=precision)
     _, v = jnp.linalg.eigh(0.5 * (m + m.T))
     v = v[:, ::-1]  # the complement first (eigenvalues >= 1), the range last (0)
     take = jnp.clip(jnp.arange(n) - rank, 0, n - 1)
     return jnp.where(jnp.arange(n)[None, :] < rank, q, v[:, take])
 
 
-def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
+def symmetric_eigenbasis(s: jax.Array, *, precision: Precision = HIGHEST) -> jax.Array:
     r"""Orthonormal eigenvectors of a symmetric matrix, by decreasing eigenvalue, canonical.
 
     Args:
       s: array of shape (n, n), symmetric (only its symmetric part is used: ``eigh`` reads
         one triangle). Computed in float32 whatever its dtype (float64 stays float64).
+      precision: matmul precision of the null-space completion.
 
     Returns:
       ``q`` of shape (n, n) with :math:`s = q\,\mathrm{diag}(\lambda)\,q^\top` and
@@ -133,7 +136,9 @@ def symmetric_eigenbasis(s: jax.Array) -> jax.Array:
     n = s.shape[0]
     rank = jnp.sum(w > _rank_tolerance(n, ct) * jnp.maximum(w[0], 0)).astype(jnp.int32)
     rank = jnp.where(w[0] > 0, rank, 0)
-    q = jax.lax.cond(rank < n, _null_space_completion, lambda q, r: q, q, rank)
+    q = jax.lax.cond(
+        rank < n, lambda q, r: _null_space_completion(q, r, precision), lambda q, r: q, q, rank
+    )
     return canonical_column_signs(q)
 
 
@@ -177,7 +182,11 @@ def qr_refresh(
     diag = jnp.abs(jnp.diagonal(r))
     deficient = jnp.any(diag <= _rank_tolerance(s.shape[0], ct) * jnp.max(diag))
     signs = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(ct)
-    q_new = jax.lax.cond(deficient, lambda: symmetric_eigenbasis(s), lambda: q_new * signs[None, :])
+    q_new = jax.lax.cond(
+        deficient,
+        lambda: symmetric_eigenbasis(s, precision=precision),
+        lambda: q_new * signs[None, :],
+    )
     return q_new, order
 
 

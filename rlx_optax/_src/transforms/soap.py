@@ -108,7 +108,10 @@ def _refresh(
         mu_orig = _rotate(mu.astype(ct), bases, back=True, precision=precision)
 
     def full(_):
-        new = tuple(None if s is None else linalg.symmetric_eigenbasis(s) for s in stats)
+        new = tuple(
+            None if s is None else linalg.symmetric_eigenbasis(s, precision=precision)
+            for s in stats
+        )
         return new, nu
 
     def power_step(_):
