@@ -277,3 +277,19 @@ def alias(
     decayed = add_decayed_weights(weight_decay, mask)
     parts = [scale, decayed] if decay == "decoupled" else [decayed, scale]
     return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
+# --------------------------------------------------------------------------- presets
+
+BEHAVIOURS = ("crate", "reference")
+
+
+def resolve_preset(behaviour: str, presets: dict[str, dict[str, Any]], **given: Any) -> dict:
+    """The switches of `behaviour`'s preset, with every argument not None taking precedence.
+
+    `presets` maps "crate" and "reference" to {argument: value}; `given` holds the caller's
+    arguments, None meaning "the preset's".
+    """
+    check_choice("behaviour", behaviour, BEHAVIOURS)
+    chosen = presets[behaviour]
+    return {k: chosen[k] if v is None else v for k, v in given.items()}

@@ -61,43 +61,26 @@ def _rectifier_f32(count, b2, rho_inf, threshold):
     return rectified, r
 
 
-def scale_by_radam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    threshold: float = 4.0,
-    degenerate_to_sgd: bool = True,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    r"""Rectified Adam direction.
+_EPS_PLACEMENTS = ("corrected", "uncorrected")
+#: The switches each `behaviour` sets (explicit arguments take precedence).
+PRESETS = {
+    "crate": {
+        "threshold": 4.0,
+        "degenerate_to_sgd": True,
+        "eps_placement": "corrected",
+        "decay": "l2",
+    },
+    "reference": {
+        "threshold": 5.0,
+        "degenerate_to_sgd": False,
+        "eps_placement": "uncorrected",
+        "decay": "decoupled",
+    },
+}
 
-    .. math::
-        \rho_\infty = \tfrac{2}{1-\beta_2} - 1,\quad
-        \rho_t = \rho_\infty - \tfrac{2t\beta_2^t}{1-\beta_2^t},\quad
-        r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
 
-    When :math:`\rho_t > \text{threshold}` the direction is
-    :math:`r_t\,\hat m_t/(\sqrt{\hat v_t}+\epsilon)`; otherwise it is :math:`\hat m_t`
-    (``degenerate_to_sgd=True``, the crate and optax) or zero (``False``, the authors' current
-    reference, which leaves the parameters untouched during warm-up).
-
-    The crate's threshold is 4 (the paper's); optax and PyTorch use 5 (and compare with >=,
-    which differs from > only when rho_t hits the threshold exactly).
-
-    Args:
-      b1: first-moment decay.
-      b2: second-moment decay.
-      eps: denominator term outside the square root.
-      threshold: the rectification starts once :math:`\rho_t` exceeds it.
-      degenerate_to_sgd: during warm-up, step along :math:`\hat m` (True) or not at all.
-      mu_dtype: dtype of the first moment.
-
-    Returns:
-      An `optax.GradientTransformation`.
-    """
-    common.check_beta("b2", b2)  # before it divides by 1 - b2
-    common.check_non_negative("eps", eps)
-    common.check_range("threshold", threshold, 4.0)
+def _rectifier(b2: Any, threshold: float):
+    """`prepare(count) -> (rectified, r_t)`: the table while it lasts, float32 formula after."""
     rho_inf = 2.0 / (1.0 - b2) - 1.0
     # float32 scalars: the crate's b2 (a float32 field widened); float64: b2 itself
     tables = {
@@ -117,11 +100,118 @@ def scale_by_radam(
             r = jnp.where(early, table_r[idx], r)
         return rectified, r
 
+    return prepare
+
+
+class DecayWhenSteppingState(NamedTuple):
+    """State of `add_decayed_weights_when_stepping`."""
+
+    count: jax.Array
+    inner: optax.OptState
+
+
+def add_decayed_weights_when_stepping(
+    weight_decay: Any,
+    mask: common.MaskOrFn,
+    b2: Any,
+    threshold: float,
+    degenerate_to_sgd: bool,
+) -> optax.GradientTransformation:
+    """Decoupled decay on the steps where RAdam moves, as in the authors' code.
+
+    With ``degenerate_to_sgd=False`` the reference leaves a parameter untouched during the
+    warm-up, decay included; every other step decays as `add_decayed_weights`.
+    """
+    inner = common.add_decayed_weights(weight_decay, mask)
+    prepare = _rectifier(b2, threshold)
+
+    def init_fn(params):
+        return DecayWhenSteppingState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        count = optax.safe_increment(state.count)
+        zeros = common.tree_map_none(jnp.zeros_like, updates)
+        decay, inner_state = inner.update(zeros, state.inner, params)
+        moves = jnp.logical_or(prepare(count)[0], degenerate_to_sgd)
+        new = common.tree_map_none(
+            lambda u, d: u + jnp.where(moves, d, jnp.zeros_like(d)), updates, decay
+        )
+        return new, DecayWhenSteppingState(count, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_radam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    threshold: float | None = None,
+    degenerate_to_sgd: bool | None = None,
+    mu_dtype: Any = None,
+    *,
+    eps_placement: str | None = None,
+    behaviour: str = "crate",
+) -> optax.GradientTransformation:
+    r"""Rectified Adam direction.
+
+    .. math::
+        \rho_\infty = \tfrac{2}{1-\beta_2} - 1,\quad
+        \rho_t = \rho_\infty - \tfrac{2t\beta_2^t}{1-\beta_2^t},\quad
+        r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    When :math:`\rho_t > \text{threshold}` the direction is
+    :math:`r_t\,\hat m_t/(\sqrt{\hat v_t}+\epsilon)`; otherwise it is :math:`\hat m_t`
+    (``degenerate_to_sgd=True``, the crate and optax) or zero (``False``, the authors' current
+    reference, which leaves the parameters untouched during warm-up).
+
+    ``eps_placement="uncorrected"`` adds :math:`\epsilon` where the authors' code, PyTorch and
+    pytorch-optimizer add it, to the uncorrected root:
+    :math:`r_t \sqrt{1-\beta_2^t}\,\hat m_t/(\sqrt{v_t}+\epsilon)`, the same as
+    :math:`\epsilon/\sqrt{1-\beta_2^t}` in the crate's form.
+
+    The crate's threshold is 4 (the paper's); optax and PyTorch use 5 (and compare with >=,
+    which differs from > only when rho_t hits the threshold exactly).
+
+    Args:
+      b1: first-moment decay.
+      b2: second-moment decay.
+      eps: denominator term outside the square root.
+      threshold: the rectification starts once :math:`\rho_t` exceeds it.
+      degenerate_to_sgd: during warm-up, step along :math:`\hat m` (True) or not at all.
+      mu_dtype: dtype of the first moment.
+      eps_placement: ``"corrected"`` (crate, optax: :math:`\sqrt{\hat v_t}+\epsilon`) or
+        ``"uncorrected"`` (the reference: :math:`\sqrt{v_t}+\epsilon`).
+      behaviour: ``"crate"`` (threshold 4, momentum steps in warm-up, corrected eps) or
+        ``"reference"`` (the authors' current code: threshold 5, no warm-up step,
+        uncorrected eps); arguments given explicitly take precedence.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        threshold=threshold,
+        degenerate_to_sgd=degenerate_to_sgd,
+        eps_placement=eps_placement,
+    )
+    threshold, degenerate_to_sgd = opts["threshold"], opts["degenerate_to_sgd"]
+    common.check_choice("eps_placement", opts["eps_placement"], _EPS_PLACEMENTS)
+    raw_eps = opts["eps_placement"] == "uncorrected"
+    common.check_beta("b2", b2)  # before it divides by 1 - b2
+    common.check_non_negative("eps", eps)
+    common.check_range("threshold", threshold, 4.0)
+    prepare = _rectifier(b2, threshold)
+
     def direction(g, m, v, ctx):
         rectified, r = ctx.extra
         m_hat = m / ctx.bc1
         warm = m_hat if degenerate_to_sgd else jnp.zeros_like(m_hat)
-        return jnp.where(rectified, r * m_hat / (jnp.sqrt(v / ctx.bc2) + eps), warm)
+        if raw_eps:
+            step = r * jnp.sqrt(ctx.bc2) * m_hat / (jnp.sqrt(v) + eps)
+        else:
+            step = r * m_hat / (jnp.sqrt(v / ctx.bc2) + eps)
+        return jnp.where(rectified, step, warm)
 
     return _moments.scale_by_moments(RAdamState, b1, b2, mu_dtype, direction, prepare)
 
@@ -133,12 +223,22 @@ def radam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
-    threshold: float = 4.0,
-    degenerate_to_sgd: bool = True,
+    threshold: float | None = None,
+    degenerate_to_sgd: bool | None = None,
+    eps_placement: str | None = None,
+    decay: str | None = None,
+    behaviour: str = "crate",
     mu_dtype: Any = None,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with L2 decay folded into the gradient, as the crate's `RAdam`.
+
+    ``behaviour="reference"`` is the authors' current code (LiyuanLucasLiu/RAdam, the same
+    rule as pytorch-optimizer's `RAdam`): threshold 5, no step during warm-up,
+    :math:`\epsilon` on the uncorrected root, and decoupled decay (times the rate) applied
+    only on the steps that move the parameters. Arguments given explicitly override the
+    preset: ``behaviour="reference", degenerate_to_sgd=True`` is torch.optim.RAdam with
+    ``decoupled_weight_decay=True``.
 
     With the defaults (threshold 4, SGD-style warm-up) steps 1-4 move along the bias-corrected
     momentum and rectification starts at step 5 (b2 = 0.999). ``threshold=5`` gives optax's
@@ -153,6 +253,10 @@ def radam(
       weight_decay: L2 coefficient folded into the gradient.
       threshold: rectification threshold on :math:`\rho_t` (>= 4).
       degenerate_to_sgd: warm-up along :math:`\hat m` (True) or no step (False).
+      eps_placement: ``"corrected"`` or ``"uncorrected"`` (see `scale_by_radam`).
+      decay: ``"l2"`` (crate: folded into the gradient) or ``"decoupled"`` (reference:
+        :math:`\theta \leftarrow \theta - \eta\lambda\theta` on the steps that move).
+      behaviour: ``"crate"`` or ``"reference"``: sets the four switches above at once.
       mu_dtype: dtype of the first moment.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
@@ -170,10 +274,28 @@ def radam(
       Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond*,
       https://arxiv.org/abs/1908.03265
     """
-    return common.alias(
-        scale_by_radam(b1, b2, eps, threshold, degenerate_to_sgd, mu_dtype),
-        learning_rate,
-        weight_decay,
-        mask,
-        decay="l2",
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        threshold=threshold,
+        degenerate_to_sgd=degenerate_to_sgd,
+        eps_placement=eps_placement,
+        decay=decay,
     )
+    common.check_choice("decay", opts["decay"], ("l2", "decoupled"))
+    scale = scale_by_radam(
+        b1,
+        b2,
+        eps,
+        opts["threshold"],
+        opts["degenerate_to_sgd"],
+        mu_dtype,
+        eps_placement=opts["eps_placement"],
+    )
+    if opts["decay"] == "l2":
+        return common.alias(scale, learning_rate, weight_decay, mask, decay="l2")
+    common.check_learning_rate(learning_rate)
+    decayed = add_decayed_weights_when_stepping(
+        weight_decay, mask, b2, opts["threshold"], opts["degenerate_to_sgd"]
+    )
+    return optax.chain(scale, decayed, optax.scale_by_learning_rate(learning_rate))
