@@ -14,6 +14,24 @@ from rlx_optax._src.linalg import factored_second_moment, reconstruct_second_mom
 _FACTORED = ("rank2", "last_two", "none")
 _CLIPPING_RULES = ("crate", "paper")
 _NORMALIZATIONS = ("sum", "mean")
+_MOMENTUM_OF = ("direction", "update")
+#: The switches each `behaviour` of `adafactor` sets (explicit arguments take precedence).
+PRESETS = {
+    "crate": {
+        "factored": "rank2",
+        "factored_normalization": "sum",
+        "clipping_rule": "crate",
+        "momentum_of": "direction",
+        "multiply_by_parameter_scale": "relative",  # only with the relative step
+    },
+    "reference": {
+        "factored": "last_two",
+        "factored_normalization": "mean",
+        "clipping_rule": "paper",
+        "momentum_of": "update",
+        "multiply_by_parameter_scale": True,
+    },
+}
 
 
 class AdafactorState(NamedTuple):
@@ -65,6 +83,11 @@ def _saturating_reconstruction(v_row, v_col, normalization, eps):
     v_hat = reconstruct_second_moment(v_row, v_col, normalization=normalization, eps=eps)
     saturated = jnp.isposinf(v_row)[..., :, None] | jnp.isposinf(v_col)[..., None, :]
     return jnp.where(saturated, jnp.asarray(jnp.inf, v_hat.dtype), v_hat)
+
+
+def _momentum_zeros(params: optax.Params) -> optax.Params:
+    """The first moment: float32 (float64 for float64 parameters)."""
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=common.compute_dtype(p.dtype)), params)
 
 
 def _is_factored(shape: tuple[int, ...], factored: str, min_dim: int) -> bool:
@@ -147,7 +170,7 @@ def scale_by_adafactor(
             return _placeholder(dt), _placeholder(dt), jnp.zeros_like(p, dtype=dt)
 
         v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
-        mu = None if momentum is None else common.zeros_like_tree(params, jnp.float32)
+        mu = None if momentum is None else _momentum_zeros(params)
         return AdafactorState(jnp.zeros([], jnp.int32), v_row, v_col, v, mu)
 
     def update_fn(updates, state, params=None):
@@ -206,6 +229,7 @@ class ScaleByStepSizeState(NamedTuple):
 
     step_count: jax.Array
     schedule: optax.OptState  # state of `optax.scale_by_learning_rate`, or EmptyState
+    mu: optax.Updates | None = None  # EMA of the scaled update (momentum after the step size)
 
 
 def scale_by_adafactor_step_size(
@@ -214,8 +238,16 @@ def scale_by_adafactor_step_size(
     eps_scale: float = 1e-3,
     max_relative_step: float = 1e-2,
     multiply_by_parameter_scale: bool | None = None,
+    momentum: float | None = None,
+    weight_decay: Any = 0.0,
+    mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformation:
     r"""Multiply updates by :math:`-\alpha_t`, Adafactor's step size.
+
+    With `momentum`, the result is averaged *after* the step size and parameter scale, as in
+    tensor2tensor, HF and pytorch-optimizer: :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)
+    (-\alpha_t u_t)`, and the decay :math:`-\alpha_t\lambda\theta` is added outside the
+    average.
 
     With `learning_rate` None, the relative step
     :math:`\alpha_t = \min(\text{max\_relative\_step}, 1/\sqrt t)\cdot
@@ -229,6 +261,9 @@ def scale_by_adafactor_step_size(
       max_relative_step: the cap of the relative step.
       multiply_by_parameter_scale: scale by the parameter RMS; None means "only with the
         relative step" (the crate; HF's default mode is relative step with parameter scale).
+      momentum: :math:`\beta_1` of the average of the scaled update (None: none).
+      weight_decay: :math:`\lambda`, decoupled, times :math:`\alpha_t`, outside the average.
+      mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
       An `optax.GradientTransformation`; `update` needs `params` when the parameter scale is
@@ -243,21 +278,47 @@ def scale_by_adafactor_step_size(
         if multiply_by_parameter_scale is None
         else bool(multiply_by_parameter_scale)
     )
+    if momentum is not None:
+        common.check_beta("momentum", momentum)
     rate = None if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+    decay = common.add_decayed_weights(weight_decay, mask)
 
     def init_fn(params):
         inner = rate.init(params) if rate is not None else common.EmptyState()
-        return ScaleByStepSizeState(jnp.zeros([], jnp.int32), inner)
+        mu = None if momentum is None else _momentum_zeros(params)
+        return ScaleByStepSizeState(jnp.zeros([], jnp.int32), inner, mu)
+
+    def relative(u, count):
+        ct = common.compute_dtype(u.dtype)
+        step = jnp.minimum(jnp.asarray(max_relative_step, ct), jax.lax.rsqrt(count.astype(ct)))
+        return (-step * u).astype(u.dtype)
 
     def update_fn(updates, state, params=None):
         count = optax.safe_increment(state.step_count)
+        updates, inner = scaled(updates, state, count, params)
+        if momentum is None:
+            return updates, ScaleByStepSizeState(count, inner, state.mu)
+
+        def average(u, m):
+            ct = common.compute_dtype(u.dtype)
+            b1 = jnp.asarray(momentum, ct)
+            return b1 * m.astype(ct) + (1 - b1) * u.astype(ct)
+
+        mu = common.tree_map_none(average, updates, state.mu)
+        updates = common.tree_map_none(lambda m, u: m.astype(u.dtype), mu, updates)
+        zeros = common.tree_map_none(jnp.zeros_like, updates)
+        decayed, _ = decay.update(zeros, decay.init(params), params)
+        if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+            decayed, _ = scaled(decayed, state, count, params)
+            updates = common.tree_map_none(lambda u, d: u + d, updates, decayed)
+        return updates, ScaleByStepSizeState(count, inner, optax.tree.cast_like(mu, state.mu))
+
+    def scaled(updates, state, count, params):
         inner = state.schedule
         if rate is not None:
             updates, inner = rate.update(updates, inner, params)
         else:
-            t = count.astype(jnp.float32)
-            step = jnp.minimum(jnp.asarray(max_relative_step, jnp.float32), jax.lax.rsqrt(t))
-            updates = common.tree_map_none(lambda u: (-step * u).astype(u.dtype), updates)
+            updates = common.tree_map_none(lambda u: relative(u, count), updates)
         if param_scale:
             if params is None:
                 raise ValueError("Adafactor's parameter scale needs params: update(g, s, params)")
@@ -269,7 +330,7 @@ def scale_by_adafactor_step_size(
                 return (u.astype(ct) * jnp.maximum(jnp.asarray(eps_scale, ct), rms)).astype(u.dtype)
 
             updates = common.tree_map_none(scale, updates, params)
-        return updates, ScaleByStepSizeState(count, inner)
+        return updates, inner
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -282,12 +343,14 @@ def adafactor(
     clipping_threshold: float = 1.0,
     weight_decay: float = 0.0,
     *,
-    factored: str = "rank2",
+    factored: str | None = None,
     min_dim_size_to_factor: int | None = None,
-    factored_normalization: str = "sum",
-    clipping_rule: str = "crate",
+    factored_normalization: str | None = None,
+    clipping_rule: str | None = None,
     momentum: float | None = None,
+    momentum_of: str | None = None,
     multiply_by_parameter_scale: bool | None = None,
+    behaviour: str = "crate",
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adafactor, as the crate's `Adafactor`, with switches to Shazeer & Stern's reference.
@@ -308,8 +371,11 @@ def adafactor(
     ``factored="last_two"`` (factor the last two axes of n-D leaves),
     ``min_dim_size_to_factor``, ``momentum``, ``clipping_rule="paper"``,
     ``factored_normalization="mean"``, ``multiply_by_parameter_scale=True`` (HF's
-    ``scale_parameter`` with a manual rate). With the defaults every hyperparameter is
-    traceable, so ``optax.inject_hyperparams(adafactor)`` needs no static arguments, also under
+    ``scale_parameter`` with a manual rate), ``momentum_of="update"``.
+    ``behaviour="reference"`` sets all of them at once (tensor2tensor's rule as HF,
+    torch.optim.Adafactor and pytorch-optimizer's `AdaFactor` implement it); arguments given
+    explicitly take precedence. With the defaults every hyperparameter is traceable, so
+    ``optax.inject_hyperparams(adafactor)`` needs no static arguments, also under
     ``jax.jit(tx.init)`` (optax's adafactor does, optax issue 412); an explicit
     ``min_dim_size_to_factor`` shapes the state and must then be named in ``static_args``.
 
@@ -326,8 +392,15 @@ def adafactor(
         `optax.inject_hyperparams` with a jitted `init` name it in ``static_args``.
       factored_normalization: ``"sum"`` (crate) or ``"mean"`` (paper).
       clipping_rule: ``"crate"`` or ``"paper"``.
-      momentum: :math:`\beta_1` of an EMA of the clipped update (None: none).
-      multiply_by_parameter_scale: None (only with the relative step), True or False.
+      momentum: :math:`\beta_1` of an EMA of the update (None: none, the crate's and the
+        paper's default).
+      momentum_of: ``"direction"`` (crate: average the clipped direction :math:`u_t`, before
+        the step size) or ``"update"`` (reference: average :math:`\alpha_t u_t`, after the
+        relative step and parameter scale, decay outside the average).
+      multiply_by_parameter_scale: True or False; when not given, the crate's rule (only with
+        the relative step) or, with ``behaviour="reference"``, True.
+      behaviour: ``"crate"`` or ``"reference"`` (factored ``"last_two"``, normalization
+        ``"mean"``, clipping ``"paper"``, momentum of the update, parameter scale always).
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -353,21 +426,37 @@ def adafactor(
     """
     if learning_rate is not None:
         common.check_learning_rate(learning_rate)
-    return optax.chain(
-        scale_by_adafactor(
-            beta2_decay,
-            eps,
-            clipping_threshold,
-            factored=factored,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            factored_normalization=factored_normalization,
-            clipping_rule=clipping_rule,
-            momentum=momentum,
-        ),
-        common.add_decayed_weights(weight_decay, mask),
-        scale_by_adafactor_step_size(
-            learning_rate,
-            eps_scale=eps_scale,
-            multiply_by_parameter_scale=multiply_by_parameter_scale,
-        ),
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        factored=factored,
+        factored_normalization=factored_normalization,
+        clipping_rule=clipping_rule,
+        momentum_of=momentum_of,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
     )
+    common.check_choice("momentum_of", opts["momentum_of"], _MOMENTUM_OF)
+    param_scale = opts["multiply_by_parameter_scale"]
+    after = momentum is not None and opts["momentum_of"] == "update"
+    direction = scale_by_adafactor(
+        beta2_decay,
+        eps,
+        clipping_threshold,
+        factored=opts["factored"],
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        factored_normalization=opts["factored_normalization"],
+        clipping_rule=opts["clipping_rule"],
+        momentum=None if after else momentum,
+    )
+    step_size = scale_by_adafactor_step_size(
+        learning_rate,
+        eps_scale=eps_scale,
+        multiply_by_parameter_scale=None if param_scale == "relative" else param_scale,
+        momentum=momentum if after else None,
+        weight_decay=weight_decay if after else 0.0,
+        mask=mask if after else None,
+    )
+    if after:
+        common.check_non_negative("weight_decay", weight_decay)
+        return optax.chain(direction, step_size)
+    return optax.chain(direction, common.add_decayed_weights(weight_decay, mask), step_size)
