@@ -18,6 +18,25 @@ _SCALES = ("crate", "keller", "moonlight")
 _LAYOUTS = ("in_out", "out_in")
 _MOMENTUM_FORMS = ("sum", "ema")
 _FALLBACKS = ("sgd", "adamw")
+#: The switches each `behaviour` sets (explicit arguments take precedence).
+PRESETS = {
+    "crate": {
+        "shape_scale": "crate",
+        "momentum_form": "sum",
+        "flatten_conv": False,
+        "fallback": "sgd",
+        "eps": 1e-12,
+        "ns_dtype": None,
+    },
+    "reference": {
+        "shape_scale": "keller",
+        "momentum_form": "ema",
+        "flatten_conv": True,
+        "fallback": "adamw",
+        "eps": 1e-7,
+        "ns_dtype": jnp.bfloat16,
+    },
+}
 
 
 class MuonState(NamedTuple):
@@ -55,14 +74,15 @@ def scale_by_muon(
     ns_steps: int = 5,
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     *,
-    shape_scale: str | Callable[[int, int], float] = "crate",
+    shape_scale: str | Callable[[int, int], float] | None = None,
     layout: str = "in_out",
-    momentum_form: str = "sum",
-    flatten_conv: bool = False,
-    eps: float = 1e-12,
+    momentum_form: str | None = None,
+    flatten_conv: bool | None = None,
+    eps: float | None = None,
     mu_dtype: Any = None,
     ns_dtype: Any = None,
     precision: Any = None,
+    behaviour: str = "crate",
 ) -> optax.GradientTransformation:
     r"""Muon's update direction.
 
@@ -89,27 +109,43 @@ def scale_by_muon(
         ``(rows, cols) -> float``.
       layout: which axis is the output for ``"keller"`` and for flattened conv kernels:
         ``"in_out"`` (Flax/optax kernels, ``y = x @ W``) or ``"out_in"`` (PyTorch weights).
-      momentum_form: ``"sum"`` (crate, torch.optim.Muon: :math:`m = \mu m + g`, Nesterov
-        :math:`g + \mu m`) or ``"ema"`` (Keller's reference: :math:`m = \mu m + (1-\mu) g`,
-        Nesterov :math:`(1-\mu) g + \mu m`). Newton-Schulz removes the factor
+      momentum_form: ``"sum"`` (crate and Keller's first versions: :math:`m = \mu m + g`,
+        Nesterov :math:`g + \mu m`) or ``"ema"`` (Keller's current reference,
+        torch.optim.Muon and pytorch-optimizer: :math:`m = \mu m + (1-\mu) g`, Nesterov
+        :math:`(1-\mu) g + \mu m`). Newton-Schulz removes the factor
         :math:`1-\mu` on matrices; it changes the step of fallback leaves.
       flatten_conv: orthogonalise leaves of rank >= 3 as matrices (``(-1, out)`` for
         ``"in_out"``, ``(out, -1)`` for ``"out_in"``) instead of the fallback (the crate
         sends them to the fallback; the reference flattens conv kernels). The shape scale uses
         the flattened shape.
-      eps: floor of the Frobenius norm in Newton-Schulz.
+      eps: floor of the Frobenius norm in Newton-Schulz (crate 1e-12, reference 1e-7).
       mu_dtype: dtype of the momentum (default: the parameter dtype).
-      ns_dtype: dtype of the Newton-Schulz iteration (default float32; ``jnp.bfloat16``
-        follows the reference's cast).
+      ns_dtype: dtype of the Newton-Schulz iteration (default float32, or the parameter
+        dtype if wider; ``jnp.bfloat16`` follows the reference's cast, rounding each fused
+        step once as torch.optim.Muon does).
       precision: precision of the Newton-Schulz products (a `jax.lax.Precision`, its name or a
         `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration (the
         crate's float32 arithmetic on every backend; the backend default would be TF32 on
         NVIDIA GPUs and one bfloat16 pass on TPUs), the native pass for ``ns_dtype=bfloat16``
         (the reference's choice). See `docs/numerics.md`.
+      behaviour: ``"crate"`` or ``"reference"`` (Keller Jordan's Muon: ``shape_scale="keller"``,
+        ``momentum_form="ema"``, ``flatten_conv=True``, ``eps=1e-7``, bf16 Newton-Schulz);
+        arguments given explicitly take precedence.
 
     Returns:
       An `optax.GradientTransformation`.
     """
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        shape_scale=shape_scale,
+        momentum_form=momentum_form,
+        flatten_conv=flatten_conv,
+        eps=eps,
+        ns_dtype=ns_dtype,
+    )
+    shape_scale, momentum_form = opts["shape_scale"], opts["momentum_form"]
+    flatten_conv, eps, ns_dtype = opts["flatten_conv"], opts["eps"], opts["ns_dtype"]
     common.check_beta("momentum", momentum)
     common.check_non_negative("eps", eps)
     common.check_range("ns_steps", ns_steps, 0)
@@ -168,21 +204,22 @@ def muon(
     *,
     ns_steps: int = 5,
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
-    shape_scale: str | Callable[[int, int], float] = "crate",
+    shape_scale: str | Callable[[int, int], float] | None = None,
     layout: str = "in_out",
-    momentum_form: str = "sum",
-    flatten_conv: bool = False,
-    fallback: str = "sgd",
+    momentum_form: str | None = None,
+    flatten_conv: bool | None = None,
+    fallback: str | None = None,
     adam_leaves: Any = None,
     adam_learning_rate: common.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-10,
     adam_weight_decay: float = 0.0,
-    eps: float = 1e-12,
+    eps: float | None = None,
     mu_dtype: Any = None,
     ns_dtype: Any = None,
     precision: Any = None,
+    behaviour: str = "crate",
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon, as the crate's `Muon`, with switches to Keller Jordan's reference.
@@ -203,6 +240,8 @@ def muon(
     Keller's auxiliary Adam defaults b1 0.9, b2 0.95, eps 1e-10). `adam_leaves` sends chosen
     leaves (embeddings, output heads) to AdamW whatever their rank, through `optax.partition`.
     ``shape_scale="moonlight"`` is Moonlight's :math:`0.2\sqrt{\max(R,C)}`.
+    ``behaviour="reference"`` sets Keller's conventions at once (those four, ``eps=1e-7`` and
+    bf16 Newton-Schulz); arguments given explicitly take precedence.
 
     Args:
       learning_rate: a float or an optax schedule.
@@ -236,6 +275,8 @@ def muon(
         crate's float32 arithmetic on every backend; the backend default would be TF32 on
         NVIDIA GPUs and one bfloat16 pass on TPUs), the native pass for ``ns_dtype=bfloat16``
         (the reference's choice). See `docs/numerics.md`.
+      behaviour: ``"crate"`` or ``"reference"`` (see `scale_by_muon`; the reference preset
+        also sets ``fallback="adamw"``).
       mask: pytree (or callable) of booleans selecting the leaves decayed (Muon branch).
 
     Returns:
@@ -260,6 +301,19 @@ def muon(
       Liu et al., *Muon is Scalable for LLM Training* (Moonlight),
       https://arxiv.org/abs/2502.16982
     """
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        shape_scale=shape_scale,
+        momentum_form=momentum_form,
+        flatten_conv=flatten_conv,
+        fallback=fallback,
+        eps=eps,
+        ns_dtype=ns_dtype,
+    )
+    shape_scale, momentum_form = opts["shape_scale"], opts["momentum_form"]
+    flatten_conv, fallback = opts["flatten_conv"], opts["fallback"]
+    eps, ns_dtype = opts["eps"], opts["ns_dtype"]
     common.check_choice("fallback", fallback, _FALLBACKS)
     if adam_learning_rate is not None:
         common.check_learning_rate(adam_learning_rate, "adam_learning_rate")
