@@ -64,6 +64,24 @@ def _float64_newton_schulz():
         torch.Tensor.bfloat16 = original_bf16
 
 
+@contextlib.contextmanager
+def _no_root_eps():
+    """pytorch-optimizer's MARS adds 1e-15 under the square root of v (its `apply_ams_bound`
+    default), which neither the authors' MARS nor rlx_optax has; the recording sets it to 0."""
+    from pytorch_optimizer.base.optimizer import BaseOptimizer
+
+    original = BaseOptimizer.apply_ams_bound
+
+    def patched(ams_bound, exp_avg_sq, max_exp_avg_sq, eps, exp_avg_sq_eps=1e-15):
+        return original(ams_bound, exp_avg_sq, max_exp_avg_sq, eps, 0.0)
+
+    BaseOptimizer.apply_ams_bound = staticmethod(patched)
+    try:
+        yield
+    finally:
+        BaseOptimizer.apply_ams_bound = staticmethod(original)
+
+
 def _qhadam_float64_weights(opt, params):
     """pytorch-optimizer keeps QHAdam's bias-correction weights in float32 (a 2e-9 drift in
     float64); seed the state with float64 weights so the recording is float64 throughout."""
@@ -213,6 +231,7 @@ def _cases():
             weight_decay=0.1,
             weight_decay_1d=0.1,
         ),
+        _no_root_eps,
     )
     case(
         "mars_lion_po",
@@ -226,6 +245,7 @@ def _cases():
             weight_decay=0.1,
             weight_decay_1d=0.1,
         ),
+        _no_root_eps,
     )
     return cases
 

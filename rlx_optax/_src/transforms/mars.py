@@ -21,6 +21,13 @@ from rlx_optax._src.transforms import _moments
 
 _VARIANTS = ("adamw", "lion", "shampoo")
 _NON_MATRIX = ("mars", "adamw")
+_MATRIX_RULES = ("rank2", "min_rank2")
+_EPS_PLACEMENTS = ("corrected", "uncorrected")
+#: The switches each `behaviour` sets (explicit arguments take precedence).
+PRESETS = {
+    "crate": {"non_matrix": "mars", "matrix_rule": "rank2", "eps_placement": "corrected"},
+    "reference": {"non_matrix": "adamw", "matrix_rule": "rank2", "eps_placement": "corrected"},
+}
 
 
 class MarsState(NamedTuple):
@@ -95,13 +102,16 @@ def scale_by_mars(
     *,
     variant: str = "adamw",
     exact: bool = False,
-    non_matrix: str = "mars",
+    non_matrix: str | None = None,
+    matrix_rule: str | None = None,
+    eps_placement: str | None = None,
     adamw_b1: float = 0.9,
     adamw_b2: float = 0.95,
     ns_steps: int = 5,
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     mu_dtype: Any = None,
     precision: Any = None,
+    behaviour: str = "crate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""MARS's variance-reduced direction (no learning rate, no decay).
 
@@ -139,6 +149,13 @@ def scale_by_mars(
         (the reference's default ``optimize_1d=False``: leaves that are not rank 2 take plain
         AdamW on the raw gradient with betas `adamw_b1`, `adamw_b2`; the reference also gives
         them their own learning rate and decay, which `optax.partition` expresses).
+      matrix_rule: which leaves count as matrices with ``non_matrix="adamw"``: ``"rank2"``
+        (the authors' code: rank == 2, so conv kernels take AdamW) or ``"min_rank2"``
+        (pytorch-optimizer: rank >= 2 take MARS; the Shampoo variant still orthogonalises
+        only rank-2 leaves here, where pytorch-optimizer flattens the others).
+      eps_placement: ``"corrected"`` (crate and the authors: :math:`\sqrt{\hat v_t}+\epsilon`)
+        or ``"uncorrected"`` (pytorch-optimizer: :math:`(\sqrt{v_t}+\epsilon) /
+        \sqrt{1-\beta_2^t}`).
       adamw_b1: first-moment decay of the non-matrix AdamW path (reference 0.9).
       adamw_b2: second-moment decay of the non-matrix AdamW path (reference 0.95).
       ns_steps: Newton-Schulz iterations of the Shampoo variant.
@@ -146,10 +163,23 @@ def scale_by_mars(
       mu_dtype: dtype of the first moment (default: the parameter dtype).
       precision: precision of the Shampoo variant's Newton-Schulz products (default
         ``HIGHEST`` for float32 on every backend; see `docs/numerics.md`).
+      behaviour: ``"crate"`` or ``"reference"`` (the authors' MARS-AdamW: non-matrix leaves
+        on AdamW); arguments given explicitly take precedence.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update` accepts ``previous_grads=``.
     """
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        non_matrix=non_matrix,
+        matrix_rule=matrix_rule,
+        eps_placement=eps_placement,
+    )
+    non_matrix, matrix_rule = opts["non_matrix"], opts["matrix_rule"]
+    common.check_choice("matrix_rule", matrix_rule, _MATRIX_RULES)
+    common.check_choice("eps_placement", opts["eps_placement"], _EPS_PLACEMENTS)
+    raw_eps = opts["eps_placement"] == "uncorrected"
     common.check_beta("b1", b1)
     common.check_beta("b2", b2)
     check_precision("precision", precision)
@@ -162,6 +192,8 @@ def scale_by_mars(
     clip_c, exact = bool(clip_c), bool(exact)
 
     def takes_mars(p) -> bool:
+        if matrix_rule == "min_rank2" and p.ndim > 2:
+            return True
         return non_matrix == "mars" or p.ndim == 2
 
     def needs_nu(p) -> bool:
@@ -204,7 +236,10 @@ def scale_by_mars(
         def adam_direction(x, m, v, beta1, beta2, c1, c2):
             x, m, v = _moments.update_moments(x, m, v, beta1, beta2)
             c1, c2 = c1.astype(x.dtype), c2.astype(x.dtype)
-            return (m / c1) / (jnp.sqrt(v / c2) + jnp.asarray(eps, x.dtype)), m, v
+            e = jnp.asarray(eps, x.dtype)
+            if raw_eps:
+                return (m / c1) * jnp.sqrt(c2) / (jnp.sqrt(v) + e), m, v
+            return (m / c1) / (jnp.sqrt(v / c2) + e), m, v
 
         def leaf(g, m, v, prev):
             ct = common.compute_dtype(g.dtype)
@@ -254,12 +289,15 @@ def mars(
     *,
     variant: str = "adamw",
     exact: bool = False,
-    non_matrix: str = "mars",
+    non_matrix: str | None = None,
+    matrix_rule: str | None = None,
+    eps_placement: str | None = None,
     adamw_b1: float = 0.9,
     adamw_b2: float = 0.95,
     ns_steps: int = 5,
     ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     mu_dtype: Any = None,
+    behaviour: str = "crate",
     mask: common.MaskOrFn = None,
     precision: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -281,7 +319,10 @@ def mars(
     - update rule: crate AdamW; the reference's ``mars_type``: ``variant="lion"`` or
       ``variant="shampoo"`` (Newton-Schulz on rank-2 leaves);
     - leaves that are not rank 2: crate MARS everywhere; reference plain AdamW with betas
-      (0.9, 0.95): ``non_matrix="adamw"``.
+      (0.9, 0.95): ``non_matrix="adamw"`` (``behaviour="reference"``). The authors' code
+      tests rank == 2; pytorch-optimizer's `MARS` sends every rank >= 2 leaf to MARS
+      (``matrix_rule="min_rank2"``) and adds eps before the bias correction
+      (``eps_placement="uncorrected"``).
 
     Args:
       learning_rate: a float or an optax schedule.
@@ -294,11 +335,14 @@ def mars(
       variant: ``"adamw"``, ``"lion"`` or ``"shampoo"``.
       exact: MARS-exact (needs ``previous_grads=`` in `update`).
       non_matrix: ``"mars"`` or ``"adamw"`` for leaves that are not rank 2.
+      matrix_rule: ``"rank2"`` or ``"min_rank2"`` (see `scale_by_mars`).
+      eps_placement: ``"corrected"`` or ``"uncorrected"`` (see `scale_by_mars`).
       adamw_b1: first-moment decay of the non-matrix AdamW path.
       adamw_b2: second-moment decay of the non-matrix AdamW path.
       ns_steps: Newton-Schulz iterations of the Shampoo variant.
       ns_coeffs: Newton-Schulz coefficients of the Shampoo variant.
       mu_dtype: dtype of the first moment.
+      behaviour: ``"crate"`` or ``"reference"`` (``non_matrix="adamw"``).
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
       precision: precision of the Shampoo variant's Newton-Schulz products (default
         ``HIGHEST`` for float32).
@@ -330,12 +374,15 @@ def mars(
             variant=variant,
             exact=exact,
             non_matrix=non_matrix,
+            matrix_rule=matrix_rule,
+            eps_placement=eps_placement,
             adamw_b1=adamw_b1,
             adamw_b2=adamw_b2,
             ns_steps=ns_steps,
             ns_coeffs=ns_coeffs,
             mu_dtype=mu_dtype,
             precision=precision,
+            behaviour=behaviour,
         ),
         learning_rate,
         weight_decay,
