@@ -128,23 +128,38 @@ def newton_schulz(
     # when its long dimension is sharded (optax.contrib.muon raises ShardingTypeError there).
     gram_sharding, x_sharding = explicit_shardings(X)
 
+    # Below float32 (bf16) the products accumulate in float32 and each fused step is rounded
+    # once, as torch.optim.Muon's `addmm` iteration: A, B = bA + cA^2 and aX + BX.
+    acc = jnp.float32 if jnp.finfo(ct).bits < 32 else ct
+
     def gram(a):  # a @ a.T without materialising the transpose
         return jax.lax.dot_general(
-            a, a, (((1,), (1,)), ((), ())), precision=precision, out_sharding=gram_sharding
+            a,
+            a,
+            (((1,), (1,)), ((), ())),
+            precision=precision,
+            preferred_element_type=acc,
+            out_sharding=gram_sharding,
         )
 
     def matmul(a, b, out_sharding):
         return jax.lax.dot_general(
-            a, b, (((1,), (0,)), ((), ())), precision=precision, out_sharding=out_sharding
+            a,
+            b,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=acc,
+            out_sharding=out_sharding,
         )
 
     norm = jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.promote_types(ct, jnp.float32)))))
     X = X / jnp.maximum(norm, eps).astype(ct)
 
     def iteration(X, a, b, c):
-        A = gram(X)
-        B = b * A if cubic_only else b * A + c * matmul(A, A, gram_sharding)
-        return a * X + matmul(B, X, x_sharding)
+        A = gram(X).astype(ct)
+        A_acc = A.astype(acc)
+        B = b * A_acc if cubic_only else b * A_acc + c * matmul(A, A, gram_sharding)
+        return (a * X.astype(acc) + matmul(B.astype(ct), X, x_sharding)).astype(ct)
 
     if static_steps is not None:
         for k in range(static_steps):
