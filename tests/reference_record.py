@@ -260,9 +260,7 @@ def _versions():
 
 def record(name, problem):
     reference, steps, build, context = _cases()[name]
-    params = {
-        k: torch.tensor(v, dtype=torch.float64) for k, v in rp.init_params(problem).items()
-    }
+    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in rp.init_params(problem).items()}
     opts, kwargs = build(params)
     out = {}
     with context(), torch.no_grad():
