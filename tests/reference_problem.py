@@ -59,6 +59,15 @@ def init_params(problem: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: problem[f"init/{name}"].copy() for name in LEAVES}
 
 
+def loss(problem: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> float:
+    """The float64 loss whose gradient `gradient` returns."""
+    total = 0.0
+    for name in LEAVES:
+        d = _view(np.asarray(params[name], np.float64) - problem[f"target/{name}"])
+        total += 0.5 * np.sum((d @ problem[f"spd/{name}"]) * d) + 0.025 * np.sum(d**4)
+    return float(total)
+
+
 def gradient(problem: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> dict:
     """float64 gradient of the loss at `params` (a dict of arrays shaped as `SHAPES`)."""
     out = {}

@@ -82,6 +82,23 @@ def _no_root_eps():
         BaseOptimizer.apply_ams_bound = staticmethod(original)
 
 
+@contextlib.contextmanager
+def _float64_soap_qr():
+    """pytorch-optimizer's SOAP casts the power-iteration matrix to float32 for its QR
+    (``.to(torch.float32)``); the recording keeps it float64. Only that cast changes."""
+    import types
+
+    import pytorch_optimizer.optimizer.soap as po_soap
+
+    proxy = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if k != "float32"})
+    proxy.float32 = torch.float64
+    po_soap.torch = proxy
+    try:
+        yield
+    finally:
+        po_soap.torch = torch
+
+
 def _qhadam_float64_weights(opt, params):
     """pytorch-optimizer keeps QHAdam's bias-correction weights in float32 (a 2e-9 drift in
     float64); seed the state with float64 weights so the recording is float64 throughout."""
@@ -246,6 +263,23 @@ def _cases():
             weight_decay_1d=0.1,
         ),
         _no_root_eps,
+    )
+    case(
+        "soap_po",
+        "pytorch_optimizer.SOAP (the authors' soap.py; float64 QR; axes above 60 not rotated, so "
+        "the 48x80 matrix is rotated on its well-posed 48 side)",
+        30,
+        po_opt(
+            "SOAP",
+            lr=3e-3,
+            betas=(0.95, 0.95),
+            shampoo_beta=0.95,
+            weight_decay=0.01,
+            precondition_frequency=5,
+            max_precondition_dim=60,
+            eps=1e-8,
+        ),
+        _float64_soap_qr,
     )
     return cases
 

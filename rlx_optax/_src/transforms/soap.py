@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +11,46 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
+
+#: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
+#: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
+PRESETS = {
+    "crate": {
+        "skip_first_step": False,
+        "reproject_moments": False,
+        "refresh": "eigh",
+        "max_precond_dim": None,
+        "precondition_nd": False,
+        "eps_placement": "corrected",
+        "decay_after_update": False,
+    },
+    "reference": {
+        "skip_first_step": True,
+        "reproject_moments": True,
+        "refresh": "qr",
+        "max_precond_dim": 10000,
+        "precondition_nd": True,
+        "eps_placement": "uncorrected",
+        "decay_after_update": True,
+    },
+}
+
+
+def _resolve(behaviour: str, **given: Any) -> dict:
+    """The preset's switches; `refresh="qr"` implies re-projected moments unless told not to."""
+    qr_alone = given.get("refresh") == "qr" and given.get("reproject_moments") is None
+    opts = common.resolve_preset(behaviour, PRESETS, **given)
+    if qr_alone:
+        opts["reproject_moments"] = True
+    elif opts["refresh"] == "qr" and not opts["reproject_moments"]:
+        warnings.warn(
+            "soap: refresh='qr' without reproject_moments leaves the first moment in the old "
+            "basis after each refresh (the reference pairs them; apart, a digits MLP "
+            "diverged)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return opts
 
 
 class SoapState(NamedTuple):
@@ -142,14 +183,16 @@ def scale_by_soap(
     precond_freq: int = 10,
     *,
     mu_dtype: Any = None,
-    skip_first_step: bool = False,
-    reproject_moments: bool = False,
-    refresh: str = "eigh",
+    skip_first_step: bool | None = None,
+    reproject_moments: bool | None = None,
+    refresh: str | None = None,
     max_precond_dim: int | None = None,
     merge_dims: bool = False,
-    precondition_nd: bool = False,
+    precondition_nd: bool | None = None,
     precondition_1d: bool = False,
     precision: Any = None,
+    eps_placement: str | None = None,
+    behaviour: str = "crate",
 ) -> optax.GradientTransformation:
     r"""Adam run in the eigenbasis of Shampoo's statistics (SOAP), without learning rate or decay.
 
@@ -203,6 +246,14 @@ def scale_by_soap(
       precision: precision of the Gram products and rotations. Default ``HIGHEST`` in both
         modes (the crate's float32 arithmetic; the reference runs float32 torch, whose matmuls
         are full float32 by default) on every backend; see `docs/numerics.md`.
+      eps_placement: ``"corrected"`` (crate: :math:`\sqrt{\hat v_t}+\epsilon`) or
+        ``"uncorrected"`` (reference: :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)\cdot
+        m_t/(\sqrt{v_t}+\epsilon)`).
+      behaviour: ``"crate"`` or ``"reference"``: the switches above at once (reference:
+        first step skipped, moments re-projected, QR refresh, ``max_precond_dim=10000``, n-D
+        leaves rotated, uncorrected eps). Arguments given explicitly take precedence;
+        ``refresh="qr"`` alone implies ``reproject_moments=True`` (and warns when it is set
+        False).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -211,6 +262,20 @@ def scale_by_soap(
       Vyas et al., *SOAP: Improving and Stabilizing Shampoo using Adam*,
       https://arxiv.org/abs/2409.11321
     """
+    opts = _resolve(
+        behaviour,
+        skip_first_step=skip_first_step,
+        reproject_moments=reproject_moments,
+        refresh=refresh,
+        max_precond_dim=max_precond_dim,
+        precondition_nd=precondition_nd,
+        eps_placement=eps_placement,
+    )
+    skip_first_step, reproject_moments = opts["skip_first_step"], opts["reproject_moments"]
+    refresh, max_precond_dim = opts["refresh"], opts["max_precond_dim"]
+    precondition_nd = opts["precondition_nd"]
+    common.check_choice("eps_placement", opts["eps_placement"], ("corrected", "uncorrected"))
+    raw_eps = opts["eps_placement"] == "uncorrected"
     common.check_beta("b1", b1)
     common.check_beta("b2", b2)
     common.check_beta("shampoo_beta", shampoo_beta)
@@ -302,7 +367,10 @@ def scale_by_soap(
             g_rot = _rotate(gw, bases, back=False, precision=precision)
             m_new = b1 * mw.astype(ct) + (1 - b1) * g_rot
             v_new = b2 * vw.astype(ct) + (1 - b2) * g_rot * g_rot
-            u = (m_new / c1) / (jnp.sqrt(v_new / c2) + eps)
+            if raw_eps:
+                u = (m_new / c1) * jnp.sqrt(c2) / (jnp.sqrt(v_new) + eps)
+            else:
+                u = (m_new / c1) / (jnp.sqrt(v_new / c2) + eps)
             u = _rotate(u, bases, back=True, precision=precision)
             m_new, v_new = m_new.astype(mw.dtype), v_new.astype(vw.dtype)
             if skip_first_step:
@@ -341,6 +409,46 @@ def _zero_first_update(inner: optax.GradientTransformation) -> optax.GradientTra
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class DecayAfterUpdateState(NamedTuple):
+    """State of `add_decayed_weights_after_update`."""
+
+    count: jax.Array
+    inner: optax.OptState
+
+
+def add_decayed_weights_after_update(
+    learning_rate: common.ScalarOrSchedule, weight_decay: Any, mask: common.MaskOrFn = None
+) -> optax.GradientTransformation:
+    r"""Decoupled decay of the already-updated parameter, after the learning rate.
+
+    With :math:`u` the scaled update, the result is :math:`u - \eta\lambda(\theta + u)`, so
+    :math:`\theta \leftarrow (\theta + u)(1 - \eta\lambda)`: the reference SOAP's order
+    (step, then ``p.mul_(1 - lr * wd)``).
+    """
+    common.check_learning_rate(learning_rate)
+    inner = common.add_decayed_weights(weight_decay, mask)
+
+    def init_fn(params):
+        return DecayAfterUpdateState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        count = optax.safe_increment(state.count)
+        if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+            return updates, DecayAfterUpdateState(count, state.inner)
+        if params is None:
+            raise ValueError("weight_decay != 0 needs params: call update(grads, state, params)")
+        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        moved = common.tree_map_none(lambda u, p: p + u.astype(p.dtype), updates, params)
+        zeros = common.tree_map_none(jnp.zeros_like, updates)
+        decay, inner_state = inner.update(zeros, state.inner, moved)
+        new = common.tree_map_none(
+            lambda u, d: (u - jnp.asarray(rate, u.dtype) * d).astype(u.dtype), updates, decay
+        )
+        return new, DecayAfterUpdateState(count, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def soap(
     learning_rate: common.ScalarOrSchedule,
     b1: float = 0.95,
@@ -353,14 +461,17 @@ def soap(
     jacobi_sweeps: int = 30,
     mu_dtype: Any = None,
     mask: common.MaskOrFn = None,
-    skip_first_step: bool = False,
-    reproject_moments: bool = False,
-    refresh: str = "eigh",
+    skip_first_step: bool | None = None,
+    reproject_moments: bool | None = None,
+    refresh: str | None = None,
     max_precond_dim: int | None = None,
     merge_dims: bool = False,
-    precondition_nd: bool = False,
+    precondition_nd: bool | None = None,
     precondition_1d: bool = False,
     precision: Any = None,
+    eps_placement: str | None = None,
+    decay_after_update: bool | None = None,
+    behaviour: str = "crate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP with decoupled weight decay, as the crate's `Soap`.
 
@@ -369,12 +480,13 @@ def soap(
 
     with :math:`u_t` from `scale_by_soap` (Adam in the eigenbasis of
     :math:`L = E[GG^\top]`, :math:`R = E[G^\top G]`); non-matrix leaves take AdamW with the
-    same betas, eps and decay. Defaults are the crate's; the keyword arguments below switch to
-    the authors' reference (``skip_first_step=True, reproject_moments=True, refresh="qr",
-    max_precond_dim=10000, precondition_nd=True`` is the reference's default configuration,
-    with ``shampoo_beta=b2`` when it passes -1 and ``learning_rate=3e-3``). Remaining
-    differences from the reference: its eps is added to :math:`\sqrt{v}` before the bias
-    correction, and its decay uses the already-updated parameter.
+    same betas, eps and decay. Defaults are the crate's; ``behaviour="reference"`` switches to
+    the authors' soap.py as pytorch-optimizer's `SOAP` implements it: ``skip_first_step=True,
+    reproject_moments=True, refresh="qr", max_precond_dim=10000, precondition_nd=True``, eps
+    added to :math:`\sqrt{v}` before the bias correction (``eps_placement="uncorrected"``) and
+    the decay applied to the already-updated parameter (``decay_after_update=True``). The
+    reference's own defaults are ``shampoo_beta=b2`` (it passes -1) and
+    ``learning_rate=3e-3``. Arguments given explicitly take precedence.
 
     State size per parameter: see `scale_by_soap` (6 floats per parameter of a square matrix,
     2 for other leaves).
@@ -401,6 +513,11 @@ def soap(
       precondition_1d: rotate vectors too.
       precision: precision of the matrix products (default ``HIGHEST``; see
         `scale_by_soap`).
+      eps_placement: ``"corrected"`` (crate) or ``"uncorrected"`` (reference).
+      decay_after_update: decay the updated parameter, :math:`\theta \leftarrow (\theta -
+        \eta u)(1-\eta\lambda)` (reference), instead of :math:`\theta - \eta(u +
+        \lambda\theta)` (crate).
+      behaviour: ``"crate"`` or ``"reference"`` (see above and `scale_by_soap`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -421,25 +538,40 @@ def soap(
       https://arxiv.org/abs/2409.11321
     """
     _check_count("jacobi_sweeps", jacobi_sweeps)
-    tx = common.alias(
-        scale_by_soap(
-            b1,
-            b2,
-            shampoo_beta,
-            eps,
-            precond_freq,
-            mu_dtype=mu_dtype,
-            skip_first_step=skip_first_step,
-            reproject_moments=reproject_moments,
-            refresh=refresh,
-            max_precond_dim=max_precond_dim,
-            merge_dims=merge_dims,
-            precondition_nd=precondition_nd,
-            precondition_1d=precondition_1d,
-            precision=precision,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
+    opts = _resolve(
+        behaviour,
+        skip_first_step=skip_first_step,
+        reproject_moments=reproject_moments,
+        refresh=refresh,
+        max_precond_dim=max_precond_dim,
+        precondition_nd=precondition_nd,
+        eps_placement=eps_placement,
+        decay_after_update=decay_after_update,
     )
+    skip_first_step = opts["skip_first_step"]
+    scale = scale_by_soap(
+        b1,
+        b2,
+        shampoo_beta,
+        eps,
+        precond_freq,
+        mu_dtype=mu_dtype,
+        skip_first_step=skip_first_step,
+        reproject_moments=opts["reproject_moments"],
+        refresh=opts["refresh"],
+        max_precond_dim=opts["max_precond_dim"],
+        merge_dims=merge_dims,
+        precondition_nd=opts["precondition_nd"],
+        precondition_1d=precondition_1d,
+        precision=precision,
+        eps_placement=opts["eps_placement"],
+    )
+    if opts["decay_after_update"]:
+        tx = optax.chain(
+            scale,
+            optax.scale_by_learning_rate(learning_rate),
+            add_decayed_weights_after_update(learning_rate, weight_decay, mask),
+        )
+    else:
+        tx = common.alias(scale, learning_rate, weight_decay, mask)
     return _zero_first_update(tx) if skip_first_step else tx
