@@ -37,6 +37,7 @@ NEEDS_FLOAT64_SCALARS = {
     "muon_po",
     "mars_po",
     "mars_lion_po",
+    "soap_po",
 }
 #: What float32 scalars (relative rounding 6e-8) leave after 30-40 closed-loop steps.
 FLOAT32_SCALAR_TOL = 1e-5
@@ -76,6 +77,12 @@ CASES = {
         matrix_rule="min_rank2",
         eps_placement="uncorrected",
     ),
+    # axes above 60 pass through, so the 48x80 matrix is rotated on its 48 side only: its
+    # 80-side statistic has rank 48 at the first step, a null space whose basis (arbitrary)
+    # the reference's later steps would depend on
+    "soap_po": lambda: rx.soap(
+        3e-3, weight_decay=0.01, precond_freq=5, max_precond_dim=60, behaviour="reference"
+    ),
     "mars_lion_po": lambda: rx.mars(
         1e-3,
         variant="lion",
@@ -92,6 +99,7 @@ CRATE = {
     "adafactor_po": lambda: rx.adafactor(momentum=0.9, weight_decay=0.01),
     "muon_po": lambda: rx.muon(0.02, weight_decay=0.1, layout="out_in", ns_dtype=jnp.float64),
     "mars_po": lambda: rx.mars(3e-3, weight_decay=0.1),
+    "soap_po": lambda: rx.soap(3e-3, weight_decay=0.01, precond_freq=5, max_precond_dim=60),
 }
 
 
@@ -215,3 +223,21 @@ def test_presets_set_switches_and_explicit_arguments_win():
     for factory in (rx.radam, rx.muon, rx.mars, rx.adafactor):
         with pytest.raises(ValueError, match="behaviour"):
             factory(0.1, behaviour="authors")
+
+
+def test_soap_qr_refresh_implies_reprojected_moments():
+    g = [jnp.asarray(np.random.default_rng(i).normal(size=(5, 4)), jnp.float32) for i in range(6)]
+
+    def run(**kw):
+        tx = rx.scale_by_soap(precond_freq=2, **kw)
+        state, out = tx.init(g[0]), []
+        for x in g:
+            u, state = tx.update(x, state)
+            out.append(np.asarray(u))
+        return np.stack(out)
+
+    implied = run(refresh="qr")
+    np.testing.assert_array_equal(implied, run(refresh="qr", reproject_moments=True))
+    with pytest.warns(UserWarning, match="reproject_moments"):
+        apart = run(refresh="qr", reproject_moments=False)
+    assert np.max(np.abs(apart - implied)) > 1e-3
