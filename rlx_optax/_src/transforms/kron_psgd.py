@@ -319,25 +319,76 @@ def scale_by_kron_psgd(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def precond_update_prob_schedule(
+    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001, flat_start: int = 500
+) -> optax.Schedule:
+    r"""psgd-jax's (and kron_torch's, pytorch-optimizer's) factor-update probability.
+
+    :math:`p = \mathrm{clip}(p_{max} e^{-\text{decay}(n - \text{flat\_start})}, p_{min},
+    p_{max})` with :math:`n` the number of steps already taken (the 1-based `count` minus 1):
+    1 for the first 500 steps, 0.61 at 1000, the floor 0.03 from about 4000.
+    """
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32) - 1.0
+        return jnp.clip(max_prob * jnp.exp(-decay * (n - flat_start)), min_prob, max_prob)
+
+    return schedule
+
+
+def _matrices_and_up(params: optax.Params) -> optax.Params:
+    """The reference's decay mask: leaves of rank >= 2."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+#: The switches each `behaviour` of `kron_psgd` sets (explicit arguments take precedence):
+#: the reference is kron_torch / psgd-jax's Kron as pytorch-optimizer's `Kron` implements it.
+PRESETS = {
+    "crate": {
+        "clip": 1.0,
+        "momentum_before": False,
+        "probe": "gradient",
+        "update_probability": 1.0,
+        "max_size_triangular": None,
+        "precondition_nd": False,
+        "factor_update": "crate",
+        "clip_mode": "max_abs",
+        "mask": None,
+    },
+    "reference": {
+        "clip": 1.1,
+        "momentum_before": True,
+        "probe": "random",
+        "update_probability": precond_update_prob_schedule(),
+        "max_size_triangular": 8192,
+        "precondition_nd": True,
+        "factor_update": "reference",
+        "clip_mode": "rms",
+        "mask": _matrices_and_up,
+    },
+}
+
+
 def kron_psgd(
     learning_rate: common.ScalarOrSchedule,
     precond_lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     eps: float = 1e-8,
-    clip: float = 1.0,
+    clip: float | None = None,
     *,
     mask: common.MaskOrFn = None,
     mu_dtype: Any = None,
-    momentum_before: bool = False,
-    probe: str = "gradient",
+    momentum_before: bool | None = None,
+    probe: str | None = None,
     key: jax.Array | None = None,
-    update_probability: float | optax.Schedule = 1.0,
+    update_probability: float | optax.Schedule | None = None,
     max_size_triangular: int | None = None,
-    precondition_nd: bool = False,
-    factor_update: str = "crate",
-    clip_mode: str = "max_abs",
+    precondition_nd: bool | None = None,
+    factor_update: str | None = None,
+    clip_mode: str | None = None,
     precision: Any = None,
+    behaviour: str = "crate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Kron-PSGD as the crate's `KronPsgd`: precondition, clip, L2 decay, then momentum.
 
@@ -351,10 +402,12 @@ def kron_psgd(
     is the chain ``scale_by_kron_psgd -> add_decayed_weights -> optax.trace(momentum) ->
     scale_by_learning_rate``.
 
-    The Kron most practitioners use (psgd-jax / kron_torch):
-    ``momentum_before=True, probe="random", key=..., factor_update="reference",
-    clip_mode="rms", clip=1.1, precondition_nd=True, max_size_triangular=8192,
-    update_probability=<psgd-jax's schedule>``; `momentum_before` makes the chain
+    The Kron most practitioners use (psgd-jax / kron_torch, pytorch-optimizer's `Kron`) is
+    ``behaviour="reference"``: ``momentum_before=True, probe="random", factor_update=
+    "reference", clip_mode="rms", clip=1.1, precondition_nd=True, max_size_triangular=8192,
+    update_probability=precond_update_prob_schedule()``, decay on leaves of rank >= 2 only,
+    and ``key=jax.random.PRNGKey(0)`` unless a key is given (arguments given explicitly take
+    precedence); `momentum_before` makes the chain
     ``optax.ema(momentum, debias=True) -> scale_by_kron_psgd -> add_decayed_weights ->
     scale_by_learning_rate`` (momentum fed into the preconditioner, decay not preconditioned).
 
@@ -368,8 +421,9 @@ def kron_psgd(
       momentum: :math:`\mu` in [0, 1).
       weight_decay: L2 coefficient :math:`\lambda`, added after preconditioning.
       eps: floor of the factor-step normaliser.
-      clip: max-abs (or RMS) bound of the preconditioned gradient.
-      mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
+      clip: max-abs (or RMS) bound of the preconditioned gradient (crate 1, reference 1.1).
+      mask: pytree (or callable returning one) of booleans selecting the leaves decayed
+        (crate: all; reference: rank >= 2).
       mu_dtype: dtype of the momentum buffer (default: the parameter dtype).
       momentum_before: debiased EMA momentum before preconditioning (reference).
       probe: ``"gradient"`` (crate) or ``"random"`` (reference, needs `key`).
@@ -381,6 +435,7 @@ def kron_psgd(
       clip_mode: ``"max_abs"`` (crate) or ``"rms"`` (reference).
       precision: precision of the matrix products (default: ``HIGHEST`` in crate mode,
         psgd-jax's choices with ``factor_update="reference"``); see `scale_by_kron_psgd`.
+      behaviour: ``"crate"`` or ``"reference"`` (see above).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -400,22 +455,37 @@ def kron_psgd(
     """
     common.check_learning_rate(learning_rate)
     common.check_beta("momentum", momentum)
-    precond = scale_by_kron_psgd(
-        precond_lr,
-        eps,
-        clip,
+    opts = common.resolve_preset(
+        behaviour,
+        PRESETS,
+        clip=clip,
+        momentum_before=momentum_before,
         probe=probe,
-        key=key,
         update_probability=update_probability,
         max_size_triangular=max_size_triangular,
         precondition_nd=precondition_nd,
         factor_update=factor_update,
         clip_mode=clip_mode,
+        mask=mask,
+    )
+    if key is None and behaviour == "reference" and opts["probe"] == "random":
+        key = jax.random.PRNGKey(0)
+    precond = scale_by_kron_psgd(
+        precond_lr,
+        eps,
+        opts["clip"],
+        probe=opts["probe"],
+        key=key,
+        update_probability=opts["update_probability"],
+        max_size_triangular=opts["max_size_triangular"],
+        precondition_nd=opts["precondition_nd"],
+        factor_update=opts["factor_update"],
+        clip_mode=opts["clip_mode"],
         precision=precision,
     )
-    decay = common.add_decayed_weights(weight_decay, mask)
+    decay = common.add_decayed_weights(weight_decay, opts["mask"])
     lr = optax.scale_by_learning_rate(learning_rate)
-    if momentum_before:
+    if opts["momentum_before"]:
         ema = optax.ema(momentum, debias=True, accumulator_dtype=mu_dtype)
         return optax.chain(ema, precond, decay, lr)
     return optax.chain(precond, decay, optax.trace(momentum, accumulator_dtype=mu_dtype), lr)
