@@ -346,15 +346,52 @@ def record_newton_schulz_bf16(problem):
     print(f"newton_schulz_bf16 -> {os.path.relpath(path)}")
 
 
+def record_kron_statistics(problem, seeds=32, steps=30):
+    """pytorch-optimizer's Kron draws its probes from torch's generator: compare statistics.
+
+    Final loss after `steps` float32 steps for each seed (lr 0.05, momentum 0.9, no decay).
+    """
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.0)
+    losses = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        np.random.seed(seed)  # its balancing coin
+        params = {
+            k: torch.tensor(v, dtype=torch.float32) for k, v in rp.init_params(problem).items()
+        }
+        opt = _po("Kron")(list(params.values()), **kw)
+        with torch.no_grad():
+            for _ in range(steps):
+                grads = rp.gradient(problem, {k: v.numpy() for k, v in params.items()})
+                for k, v in params.items():
+                    v.grad = torch.from_numpy(grads[k].astype(np.float32))
+                opt.step()
+        losses.append(rp.loss(problem, {k: v.numpy() for k, v in params.items()}))
+    meta = {
+        "reference": "pytorch_optimizer.Kron, float32, final loss per seed",
+        "arguments": kw,
+        "steps": steps,
+        "versions": _versions(),
+    }
+    path = os.path.join(rp.DATA_DIR, "kron_po_statistics.npz")
+    np.savez_compressed(
+        path, final_loss=np.asarray(losses), meta=np.asarray(json.dumps(meta, sort_keys=True))
+    )
+    print(f"kron_po_statistics: {seeds} seeds -> {os.path.relpath(path)}")
+
+
 def main(argv):
     os.makedirs(rp.DATA_DIR, exist_ok=True)
     if not os.path.exists(rp.PROBLEM_FILE):
         np.savez_compressed(rp.PROBLEM_FILE, **rp.make_problem())
     problem = rp.load_problem()
-    names = argv or [*_cases(), "newton_schulz_bf16"]
+    torch.set_num_threads(1)
+    names = argv or [*_cases(), "newton_schulz_bf16", "kron_po_statistics"]
     for name in names:
         if name == "newton_schulz_bf16":
             record_newton_schulz_bf16(problem)
+        elif name == "kron_po_statistics":
+            record_kron_statistics(problem)
         else:
             record(name, problem)
 
