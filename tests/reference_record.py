@@ -346,7 +346,7 @@ def record_newton_schulz_bf16(problem):
     print(f"newton_schulz_bf16 -> {os.path.relpath(path)}")
 
 
-def record_kron_statistics(problem, seeds=32, steps=30):
+def record_kron_statistics(problem, seeds=16, steps=20):
     """pytorch-optimizer's Kron draws its probes from torch's generator: compare statistics.
 
     Final loss after `steps` float32 steps for each seed (lr 0.05, momentum 0.9, no decay).
