@@ -117,12 +117,13 @@ def replay(tx, name):
 
 def test_every_recording_has_a_case_and_versions():
     names = {f[:-4] for f in os.listdir(rp.DATA_DIR) if f.endswith(".npz")}
-    assert names - {"problem", "newton_schulz_bf16"} == set(CASES)
-    for name in CASES:
+    others = {"problem", "newton_schulz_bf16", "kron_po_statistics"}
+    assert names - others == set(CASES)
+    for name in [*CASES, "newton_schulz_bf16", "kron_po_statistics"]:
         _, meta = _load(name)
         assert meta["versions"]["torch"].startswith("2.13.0")
         assert meta["versions"]["pytorch_optimizer"] == "4.1.0"
-        assert meta["steps"] >= 30
+        assert name not in CASES or meta["steps"] >= 30
 
 
 def test_problem_moves_every_leaf():
