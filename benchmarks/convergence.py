@@ -231,7 +231,7 @@ def draw(ax, problem: str, results: dict, eval_every: int, target: float) -> Non
         curve = np.asarray(r["curve_mean"])
         steps = np.arange(len(curve)) * eval_every
         ax.plot(steps, curve, label=f"{name} (lr {r['best_lr']:.2g})", **plotstyle.style(name))
-    plotstyle.target_line(ax, target, "target (steps-to-target)")
+    plotstyle.target_line(ax, target, "loss (steps to)")
     ax.set_yscale("log" if problem == "quadratic" else "linear")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over seeds, best lr)")

@@ -193,7 +193,7 @@ def draw(ax, results: list[dict[str, Any]], target: float) -> None:
         steps, vals = zip(*r["curve"], strict=True)
         label = f"{r['name']} [{r.get('mode', 'crate')}] (lr {r['lr']:g})"
         ax.plot(steps, vals, label=label, **plotstyle.style(r["name"]))
-    plotstyle.target_line(ax, target, "target (steps-to-target)")
+    plotstyle.target_line(ax, target, "loss (steps to)")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("char-level transformer on Python stdlib sources")

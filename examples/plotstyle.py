@@ -12,26 +12,28 @@ from typing import Any
 
 from rlx_optax._src import registry
 
-# 15 colours that stay apart on white: matplotlib's tab10 and five dark tones of tab20b/c.
-COLOURS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#393b79",
-    "#637939",
-    "#8c6d31",
-    "#843c39",
-    "#000000",
+# 15 looks, one per registered algorithm in registry order: matplotlib's tab10 (its grey, the
+# target line's colour, swapped for a teal) and five dark tones, with line styles chosen so that
+# the closest colours (navy/blue, browns, black/navy) never share a style.
+LOOKS = (
+    ("#1f77b4", "-"),  # sgd
+    ("#ff7f0e", "--"),  # adam
+    ("#2ca02c", "-."),  # adamw
+    ("#d62728", ":"),  # nadamw
+    ("#9467bd", "-"),  # radam
+    ("#8c564b", "--"),  # qhadamw
+    ("#e377c2", "-."),  # lamb
+    ("#00a087", ":"),  # lion
+    ("#bcbd22", "-"),  # sophia
+    ("#17becf", "--"),  # muon
+    ("#393b79", "-."),  # soap
+    ("#637939", ":"),  # adafactor
+    ("#8c6d31", "-"),  # mars
+    ("#7b4173", "--"),  # stiefel
+    ("#000000", "-"),  # kron_psgd
 )
-LINESTYLES = ("-", "--", "-.", ":")
-TARGET = {"color": "0.35", "linewidth": 1.0, "linestyle": (0, (1, 3))}
+COLOURS = tuple(c for c, _ in LOOKS)
+TARGET = {"color": "0.55", "linewidth": 2.0, "linestyle": (0, (8, 3)), "alpha": 0.8}
 
 
 def style(name: str) -> dict[str, Any]:
@@ -39,9 +41,11 @@ def style(name: str) -> dict[str, Any]:
     cycle after the registered ones)."""
     names = registry.names()
     i = names.index(name) if name in names else len(names) + sum(map(ord, name))
-    return {"color": COLOURS[i % len(COLOURS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+    colour, linestyle = LOOKS[i % len(LOOKS)]
+    return {"color": colour, "linestyle": linestyle}
 
 
-def target_line(ax: Any, target: float, what: str = "target loss") -> None:
-    """A horizontal line at `target`, labelled in the legend."""
-    ax.axhline(target, label=f"{what} {target:g}", **TARGET)
+def target_line(ax: Any, target: float, what: str = "loss") -> None:
+    """A horizontal line at `target` (grey, long dashes: no algorithm uses grey), labelled
+    ``target <what> = <value>`` in the legend."""
+    ax.axhline(target, label=f"target {what} = {target:g}", **TARGET)

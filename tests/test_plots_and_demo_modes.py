@@ -42,6 +42,7 @@ def _assert_distinct_and_labelled(ax, n):
     looks = {(c, ln.get_linestyle()) for c, ln in zip(colours, curves, strict=True)}
     assert len(looks) == n
     assert len(target) == 1
+    assert matplotlib.colors.to_hex(target[0].get_color()) not in colours  # never an algorithm's
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(t.startswith("target") for t in legend), legend
 

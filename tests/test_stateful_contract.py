@@ -270,3 +270,34 @@ def test_jax_grad_of_another_shape_is_refused_too():
     with pytest.raises(ValueError, match="'w'.*grad has shape"):
         opt.step("w", (4, 3), p, jnp.ones((3, 4)))
     assert opt.state_dict()["tensors"] == {}
+
+
+# --------------------------------------------------------------------------- every class
+
+
+@pytest.mark.parametrize("row", registry.ALGORITHMS, ids=[r.stateful for r in registry.ALGORITHMS])
+def test_every_class_refuses_bad_calls_and_changes_nothing(row):
+    """The holes above, for every registered class: after a good step, a transposed grad, a
+    float64 param (x64 off), a bad rate, a misspelled field and a state without `step` all
+    raise, and the parameter and the whole state are as they were."""
+    cls = stateful.get(row.name)
+    opt = cls(row.contract_lr)
+    p = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    opt.step("w", (4, 3), p, np.full((4, 3), 0.1, np.float32))
+    opt.end_iteration()
+    before, p0 = opt.state_dict(), p.copy()
+    with pytest.raises(ValueError, match="'w'"):
+        opt.step("w", (4, 3), p, np.full((3, 4), 0.1, np.float32))
+    with pytest.raises(ValueError, match="'v'.*float64"):
+        opt.step("v", (2,), np.ones(2), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="lr"):
+        opt.set_lr(-1.0)
+    with pytest.raises(AttributeError):
+        opt.not_a_field = 1.0
+    broken = opt.state_dict()
+    del broken["step"]
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(broken)
+    np.testing.assert_array_equal(p, p0)
+    _assert_same_state(opt.state_dict(), before)
+    assert opt.lr == row.contract_lr
