@@ -27,10 +27,11 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import convergence, elementwise, harness, memory  # noqa: E402
+from benchmarks import convergence, elementwise, harness, memory, model  # noqa: E402
 
 # Module -> (arguments for a full run, arguments for a smoke run, title in RESULTS.md).
 MODULES: dict[str, tuple[list[str], list[str], str]] = {
+    "model": ([], ["--small"], "Whole model: every algorithm on a transformer-shaped tree"),
     "elementwise": ([], ["--small"], "Element-wise families: donated step vs optax and the floor"),
     "memory": ([], ["--small"], "Memory: state bytes per parameter, peak of a donated step"),
     "muon": ([], ["--quick"], "Muon and Adafactor"),
@@ -39,7 +40,7 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
     "stateful": ([], ["--small"], "Stateful API vs the pure step"),
     "convergence": ([], ["--small"], "Convergence"),
 }
-OWN_RENDERERS = {"elementwise", "memory", "convergence"}
+OWN_RENDERERS = {"elementwise", "memory", "convergence", "model"}
 RATIO_HINTS = ("over", "/", "ratio", "bytes_per", "per_param")
 
 
@@ -162,7 +163,7 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
     payloads = {
         p.stem: json.loads(p.read_text())
         for p in sorted(out_dir.glob("*.json"))
-        if p.stem in MODULES
+        if p.stem in MODULES or p.stem.startswith("model_")
     }
     mach = next((p["machine"] for p in payloads.values() if "machine" in p), harness.machine())
     lines = [
@@ -184,6 +185,16 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             "run at different times and under different load.",
         ]
     for name, (_, _, title) in MODULES.items():
+        if name == "model":
+            # the CPU payload, then one subsection per accelerator that ran it
+            found = [
+                k for k in ("model", *sorted(payloads)) if k.startswith("model") and k in payloads
+            ]
+            if not found:
+                continue
+            parts = [model.render(payloads[k]) for k in dict.fromkeys(found)]
+            lines += ["", f"## {title}", "", "(`benchmarks/model.py`)", "", "\n\n".join(parts)]
+            continue
         if name not in payloads:
             continue
         payload = payloads[name]

@@ -12,6 +12,7 @@ import optax
 
 from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import DEFAULT_NS_COEFFS, newton_schulz
+from rlx_optax._src.transforms import _batching
 from rlx_optax._src.transforms import adam as _adam
 
 _SCALES = ("crate", "keller", "moonlight")
@@ -163,7 +164,7 @@ def scale_by_muon(
             count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
         )
 
-    def leaf(g, m):
+    def momentum_leaf(g, m):
         ct = common.compute_dtype(g.dtype)
         mu = jnp.asarray(mu_value, ct)
         g32 = g.astype(ct)
@@ -173,23 +174,35 @@ def scale_by_muon(
         else:
             m = mu * m.astype(ct) + (1 - mu) * g32
             d = (1 - mu) * g32 + mu * m if nesterov else m
-        view = _matrix_shape(g.shape, layout, flatten_conv)
-        if view is not None:
-            o = newton_schulz(
-                d.reshape(view),
-                ns_steps,
-                ns_coeffs,
-                eps=eps,
-                compute_dtype=ns_dtype,
-                precision=precision,
-            )
-            scale = _shape_scale(shape_scale, view[0], view[1], layout)
-            d = (scale * o.astype(ct)).reshape(g.shape)
-        return d.astype(g.dtype), m
+        return d, m
+
+    def orthogonalise(d):
+        return (
+            newton_schulz(
+                d, ns_steps, ns_coeffs, eps=eps, compute_dtype=ns_dtype, precision=precision
+            ),
+        )
 
     def update_fn(updates, state, params=None):
         del params
-        u, mu = common.tree_map_multi(leaf, 2, updates, state.mu)
+        d, mu = common.tree_map_multi(momentum_leaf, 2, updates, state.mu)
+
+        def view_of(x):
+            view = _matrix_shape(x.shape, layout, flatten_conv)
+            return None if view is None else x.reshape(view)
+
+        # Newton-Schulz runs once per group of same-shaped matrices (one batched product
+        # chain per shape, `grouped_map`), not once per leaf.
+        (o,) = _batching.grouped_map(orthogonalise, 1, common.tree_map_none(view_of, d))
+
+        def finish(g, d, o):
+            if o is None:
+                return d.astype(g.dtype)
+            rows, cols = o.shape
+            scale = _shape_scale(shape_scale, rows, cols, layout)
+            return (scale * o.astype(d.dtype)).reshape(g.shape).astype(g.dtype)
+
+        u = common.tree_map_none(finish, updates, d, o)
         mu = optax.tree.cast_like(mu, state.mu)
         return u, MuonState(count=optax.safe_increment(state.count), mu=mu)
 

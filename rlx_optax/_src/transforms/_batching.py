@@ -1,0 +1,102 @@
+"""Run a per-leaf function once per group of same-shaped leaves (private helper of transforms).
+
+A model has many matrices of few shapes (every layer's `qkv`, `up`, `down`, ...). The matrix
+families (Muon's Newton-Schulz, SOAP's Gram/rotation/refresh, Kron's factor work) call one
+per-leaf function; `grouped_map` stacks the leaves whose arguments agree in structure, shape,
+dtype and static values, runs the function once under `jax.vmap` over the stack (one batched
+product per shape group instead of one chain of small kernels per leaf), and splits the
+results back. The per-leaf function is the one implementation; vmap only batches it, so the
+results are those of the per-leaf loop up to the rounding of batched products.
+
+Leaves on a mesh with Explicit axes are run one by one: their products carry explicit output
+shardings (`linalg._sharding`) that a stack of differently sharded leaves would not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+
+def _on_explicit_mesh(x: Any) -> bool:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return False
+    return any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _signature(x: Any, index: int) -> Any:
+    """What two leaves' arguments must share to be stacked; unique for explicit meshes."""
+    if _is_array(x):
+        if _on_explicit_mesh(x):
+            return ("explicit", index)
+        return ("array", tuple(x.shape), jnp.dtype(x.dtype).name, bool(getattr(x, "weak_type", 0)))
+    try:
+        hash(x)
+    except TypeError:
+        return ("object", id(x))
+    return ("static", type(x).__name__, x)
+
+
+def grouped_map(
+    fn: Callable[..., tuple],
+    n_out: int,
+    tree: Any,
+    *rest: Any,
+    min_group: int = 2,
+) -> tuple:
+    """`common.tree_map_multi` with same-shaped leaves batched under `jax.vmap`.
+
+    `fn(leaf, *others)` returns `n_out` pytrees (arrays, tuples of arrays, None). Leaves of
+    `tree` that are None give None in every output. The leaves whose argument tuples
+    ``(leaf, *others)`` have the same pytree structure, array shapes and dtypes, and equal
+    non-array values form a group; a group of at least `min_group` leaves runs as one call
+    of ``jax.vmap(fn)`` over stacked arrays (non-array values are passed as they are).
+    `fn` must not keep Python state between calls (a group makes one call).
+    """
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    others = [treedef.flatten_up_to(r) for r in rest]
+    outs: list[list[Any]] = [[None] * len(leaves) for _ in range(n_out)]
+    groups: dict[Any, list[int]] = {}
+    flat_args: dict[int, tuple[list[Any], Any]] = {}
+    for i, leaf in enumerate(leaves):
+        if leaf is None:
+            continue
+        args = (leaf, *(o[i] for o in others))
+        flat, struct = jax.tree.flatten(args)
+        flat_args[i] = (flat, struct)
+        key = (struct, tuple(_signature(x, i) for x in flat))
+        groups.setdefault(key, []).append(i)
+
+    for members in groups.values():
+        if len(members) < min_group:
+            for i in members:
+                flat, struct = flat_args[i]
+                result = fn(*jax.tree.unflatten(struct, flat))
+                for k in range(n_out):
+                    outs[k][i] = result[k]
+            continue
+        flat0, struct = flat_args[members[0]]
+        positions = [j for j, x in enumerate(flat0) if _is_array(x)]
+        stacked = [jnp.stack([flat_args[i][0][j] for i in members]) for j in positions]
+
+        def call(*arrays, flat0=flat0, struct=struct, positions=positions):
+            flat = list(flat0)
+            for j, a in zip(positions, arrays, strict=True):
+                flat[j] = a
+            return tuple(fn(*jax.tree.unflatten(struct, flat)))
+
+        result = jax.vmap(call)(*stacked)
+        for n, i in enumerate(members):
+            for k in range(n_out):
+                outs[k][i] = jax.tree.map(lambda x, n=n: x[n], result[k])
+    return tuple(treedef.unflatten(o) for o in outs)
