@@ -21,14 +21,19 @@ class LambState(NamedTuple):
     nu: optax.Updates
 
 
-def _norm_finite(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
+def _norm_finite(
+    fn: Callable[..., jax.Array], *args: jax.Array, masked_pass: bool | None = None
+) -> jax.Array:
     """L2 norm over the finite entries of ``fn(*args)`` (the crate's `l2_norm`), in float32.
 
-    Speed, not semantics, shapes this function: the plain sum of squares fuses into one read of
-    `args` (XLA folds the element-wise `fn` into the reduction), whereas a masked sum, or a
-    `fn(*args)` held for a second use, is a parameter-sized temporary written and read again.
-    The masked sum runs only when the plain one is not finite (a non-finite entry, or an
-    overflow, where both agree), and it recomputes `fn` rather than keeping it.
+    Speed, not semantics, shapes this function: on CPU the plain sum of squares fuses into one
+    read of `args` (XLA folds the element-wise `fn` into the reduction), whereas a masked sum,
+    or a `fn(*args)` held for a second use, is a parameter-sized temporary written and read
+    again. There the masked sum runs only when the plain one is not finite (a non-finite entry,
+    or an overflow, where both agree), and it recomputes `fn` rather than keeping it. On
+    other backends a conditional waits for its predicate on the host (one synchronisation per
+    leaf) while the masked sum fuses into one pass, so the masked sum runs always.
+    `masked_pass` forces one form (None: by platform); both give the same value.
     """
 
     def values():
@@ -42,11 +47,17 @@ def _norm_finite(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
         x = values()
         return jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0.0))
 
-    total = jax.lax.cond(jnp.isfinite(total), lambda: total, masked)
+    def guarded():
+        return jax.lax.cond(jnp.isfinite(total), lambda: total, masked)
+
+    if masked_pass is None:
+        squares = jax.lax.platform_dependent(cpu=guarded, default=masked)
+    else:
+        squares = masked() if masked_pass else guarded()
     # A safe square root: the same value, and a zero (not NaN) derivative at a zero norm, so
     # that gradients through an update (meta-learning) stay finite on leaves that are zero.
-    positive = total > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1.0)), 0.0)
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
 def scale_by_lamb(

@@ -1,0 +1,113 @@
+"""Same-shaped matrices run as one batched computation, with the per-leaf results.
+
+The oracle of each test is the same transform applied to every leaf on its own (a one-leaf
+tree, where nothing can be batched; that path is the one the golden and reference tests
+check). Batched products sum in another order, so agreement is to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rlx_optax
+from rlx_optax._src.transforms import _batching
+
+SHAPES = {
+    "a": (8, 12),
+    "b": (8, 12),
+    "c": (8, 12),
+    "d": (12, 8),
+    "e": (12, 8),
+    "f": (6, 6),
+    "v": (12,),
+}
+
+
+def tree(seed: int, scale: float = 1.0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(scale * rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
+
+
+def run_steps(tx, params, grads_seq):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads_seq:
+        u, state = step(g, state, params)
+        params = jax.tree.map(lambda p, x: p + x, params, u)
+    return params, state
+
+
+def per_leaf_steps(make, params, grads_seq):
+    """Every leaf alone through its own copy of the transform."""
+    out = {}
+    for k in params:
+        p, _ = run_steps(make(), {k: params[k]}, [{k: g[k]} for g in grads_seq])
+        out[k] = p[k]
+    return out
+
+
+FACTORIES = {
+    "muon": lambda: rlx_optax.muon(0.02),
+    "muon_keller_conv": lambda: rlx_optax.muon(0.02, shape_scale="keller", flatten_conv=True),
+    "muon_traced_steps": lambda: rlx_optax.muon(0.02, ns_steps=jnp.asarray(3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_batched_matches_per_leaf(name):
+    make = FACTORIES[name]
+    params = tree(0, 0.1)
+    grads_seq = [tree(i + 1) for i in range(3)]
+    got, _ = run_steps(make(), params, grads_seq)
+    want = per_leaf_steps(make, params, grads_seq)
+    for k in params:
+        disp = float(jnp.max(jnp.abs(want[k] - params[k])))
+        err = float(jnp.max(jnp.abs(got[k] - want[k])))
+        assert err <= 2e-5 * disp, (k, err, disp)
+
+
+def _dot_count(jaxpr) -> int:
+    """dot_general equations in a jaxpr, sub-jaxprs (loops, conds, pjit) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _dot_count(sub)
+    return n
+
+
+def test_muon_newton_schulz_traced_once_per_shape():
+    """Three (8, 12) and two (12, 8) matrices: two shape groups, so the products of two
+    Newton-Schulz chains (three products per step), not five."""
+    tx = rlx_optax.muon(0.02, ns_steps=2)
+    params = {k: v for k, v in tree(0).items() if k in "abcde"}
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, tx.init(params))
+    assert _dot_count(jaxpr.jaxpr) == 2 * 2 * 3
+
+
+def test_grouped_map_groups_by_shape_dtype_and_static_values():
+    calls = []
+
+    def fn(x, flag):
+        calls.append((x.shape, flag))
+        return (x * 2 if flag else x,)
+
+    xs = {
+        "a": jnp.ones((2, 3)),
+        "b": jnp.ones((2, 3)),
+        "c": jnp.ones((2, 3), jnp.bfloat16),
+        "d": jnp.ones((2, 3)),
+        "n": None,
+    }
+    flags = {"a": True, "b": True, "c": True, "d": False, "n": None}
+    (out,) = _batching.grouped_map(fn, 1, xs, flags)
+    # a and b share a call (vmapped: the function sees one unbatched (2, 3) slice)
+    assert sorted(calls, key=str) == sorted([((2, 3), True)] * 2 + [((2, 3), False)], key=str)
+    assert out["n"] is None
+    np.testing.assert_array_equal(out["a"], 2 * np.ones((2, 3)))
+    np.testing.assert_array_equal(out["d"], np.ones((2, 3)))
+    assert out["c"].dtype == jnp.bfloat16
