@@ -30,15 +30,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
+# LAPACK calls (Kron's triangular solves, SOAP's eigh) run single-threaded: on a busy or
+# shared CPU OpenBLAS's spinning threads made a (128, 128) triangular solve 1000x slower
+# (30 ms instead of 30 us), which would time the machine's load, not the algorithm.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 try:
     from benchmarks import elementwise, harness, kron_soap

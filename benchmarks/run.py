@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -53,6 +54,9 @@ def run_module(name: str, args: list[str], timeout: float) -> dict[str, Any]:
         proc = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{name}", *args],
             cwd=ROOT,
+            # single-threaded LAPACK (see benchmarks/model.py): spinning OpenBLAS threads on a
+            # busy CPU time the load, not the algorithm
+            env={"OPENBLAS_NUM_THREADS": "1", **os.environ},
             capture_output=True,
             text=True,
             timeout=timeout,

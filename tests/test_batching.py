@@ -54,6 +54,25 @@ FACTORIES = {
     "muon": lambda: rlx_optax.muon(0.02),
     "muon_keller_conv": lambda: rlx_optax.muon(0.02, shape_scale="keller", flatten_conv=True),
     "muon_traced_steps": lambda: rlx_optax.muon(0.02, ns_steps=jnp.asarray(3)),
+    "soap": lambda: rlx_optax.soap(3e-3, precond_freq=2),
+    "soap_reference": lambda: rlx_optax.soap(
+        3e-3,
+        precond_freq=2,
+        skip_first_step=True,
+        reproject_moments=True,
+        refresh="qr",
+        precondition_nd=True,
+        precondition_1d=True,
+    ),
+    "kron_psgd": lambda: rlx_optax.kron_psgd(0.01),
+    "kron_psgd_reference_gradient_probe": lambda: rlx_optax.kron_psgd(
+        0.01,
+        momentum_before=True,
+        factor_update="reference",
+        clip_mode="rms",
+        precondition_nd=True,
+        max_size_triangular=10,
+    ),
 }
 
 
@@ -70,13 +89,13 @@ def test_batched_matches_per_leaf(name):
         assert err <= 2e-5 * disp, (k, err, disp)
 
 
-def _dot_count(jaxpr) -> int:
-    """dot_general equations in a jaxpr, sub-jaxprs (loops, conds, pjit) included."""
+def _count(jaxpr, primitive: str = "dot_general") -> int:
+    """`primitive` equations in a jaxpr, sub-jaxprs (loops, conds, pjit) included."""
     n = 0
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "dot_general"
+        n += eqn.primitive.name == primitive
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _dot_count(sub)
+            n += _count(sub, primitive)
     return n
 
 
@@ -86,7 +105,23 @@ def test_muon_newton_schulz_traced_once_per_shape():
     tx = rlx_optax.muon(0.02, ns_steps=2)
     params = {k: v for k, v in tree(0).items() if k in "abcde"}
     jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, tx.init(params))
-    assert _dot_count(jaxpr.jaxpr) == 2 * 2 * 3
+    assert _count(jaxpr.jaxpr) == 2 * 2 * 3
+
+
+@pytest.mark.parametrize(
+    ("make", "primitive", "per_group"),
+    [
+        (lambda: rlx_optax.soap(3e-3), "eigh", 2),  # a left and a right eigenbasis
+        (lambda: rlx_optax.kron_psgd(0.01), "triangular_solve", 2),  # one per factor
+    ],
+    ids=["soap", "kron_psgd"],
+)
+def test_one_factor_computation_per_shape_group(make, primitive, per_group):
+    """Three (8, 12), two (12, 8) and one (6, 6) matrix: three shape groups."""
+    tx = make()
+    params = {k: v for k, v in tree(0).items() if k != "v"}
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, tx.init(params))
+    assert _count(jaxpr.jaxpr, primitive) == 3 * per_group
 
 
 def test_grouped_map_groups_by_shape_dtype_and_static_values():

@@ -39,7 +39,12 @@ def _signature(x: Any, index: int) -> Any:
     if _is_array(x):
         if _on_explicit_mesh(x):
             return ("explicit", index)
-        return ("array", tuple(x.shape), jnp.dtype(x.dtype).name, bool(getattr(x, "weak_type", 0)))
+        return (
+            "array",
+            tuple(x.shape),
+            str(x.dtype),
+            bool(getattr(jax.typeof(x), "weak_type", False)),
+        )
     try:
         hash(x)
     except TypeError:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
+from rlx_optax._src.transforms import _batching
 
 
 class KronPsgdState(NamedTuple):
@@ -279,14 +280,14 @@ def scale_by_kron_psgd(
             new_key, sub = jax.random.split(state.key)
             leaf_keys = list(jax.random.split(sub, max(n_leaves, 1)))
 
-        def leaf(g, factors):
+        def leaf(g, factors, probe_key):
             if factors is None:
                 return g, None
             factors = common.as_tuple(factors)
             ct = common.compute_dtype(g.dtype)
             g32 = g.astype(ct)
             if probe == "random":
-                v = jax.random.normal(leaf_keys.pop(0), g.shape, ct)
+                v = jax.random.normal(probe_key, g.shape, ct)
                 damp = jnp.sqrt(jnp.finfo(jnp.float32).eps).astype(ct)
                 k = linalg.power_of_two_scale(g32, at_least_one=True)  # exact; no overflow
                 g_probe = g32 + damp * (jnp.mean(jnp.abs(g32) / k) * k) * v
@@ -313,7 +314,18 @@ def scale_by_kron_psgd(
                 p = p / jnp.maximum(1.0, rms / clip)
             return p.astype(g.dtype), factors
 
-        u, factors = common.tree_map_multi(leaf, 2, updates, state.factors)
+        # the i-th preconditioned leaf (in flattening order) probes with the i-th key
+        flat_u, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        flat_f = treedef.flatten_up_to(state.factors)
+        probe_keys, used = [], 0
+        for g, f in zip(flat_u, flat_f, strict=True):
+            take = leaf_keys is not None and g is not None and f is not None
+            probe_keys.append(leaf_keys[used] if take else None)
+            used += take
+        # Same-shaped leaves run as one batched computation (`grouped_map`).
+        u, factors = _batching.grouped_map(
+            leaf, 2, updates, state.factors, treedef.unflatten(probe_keys)
+        )
         return u, KronPsgdState(count, new_key, counter, factors)
 
     return optax.GradientTransformation(init_fn, update_fn)
