@@ -54,6 +54,7 @@ FACTORIES = {
     "muon": lambda: rlx_optax.muon(0.02),
     "muon_keller_conv": lambda: rlx_optax.muon(0.02, shape_scale="keller", flatten_conv=True),
     "muon_traced_steps": lambda: rlx_optax.muon(0.02, ns_steps=jnp.asarray(3)),
+    "mars_shampoo": lambda: rlx_optax.mars(3e-3, variant="shampoo"),
     "soap": lambda: rlx_optax.soap(3e-3, precond_freq=2),
     "soap_reference": lambda: rlx_optax.soap(
         3e-3,

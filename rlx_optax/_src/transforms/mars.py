@@ -17,7 +17,7 @@ import optax
 from rlx_optax._src import common
 from rlx_optax._src.linalg._precision import check_precision
 from rlx_optax._src.linalg.newton_schulz import DEFAULT_NS_COEFFS, newton_schulz
-from rlx_optax._src.transforms import _moments
+from rlx_optax._src.transforms import _batching, _moments
 
 _VARIANTS = ("adamw", "lion", "shampoo")
 _NON_MATRIX = ("mars", "adamw")
@@ -267,7 +267,10 @@ def scale_by_mars(
                 new_prev = _stored_gradient(g, after).astype(prev.dtype)
             return u.astype(g.dtype), m, v, new_prev
 
-        u, mu, nu, prev = common.tree_map_multi(leaf, 4, updates, state.mu, state.nu, control)
+        # MARS-Shampoo's Newton-Schulz runs once per group of same-shaped leaves (`grouped_map`);
+        # the element-wise variants stay one fusion per leaf
+        mapper = _batching.grouped_map if variant == "shampoo" else common.tree_map_multi
+        u, mu, nu, prev = mapper(leaf, 4, updates, state.mu, state.nu, control)
         return u, MarsState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),
