@@ -81,3 +81,29 @@ def test_generic_renderer_keeps_ratios_only():
     )
     assert "4x8" in text and "ours/floor" in text and "ratio_jax" in text and "noisy" in text
     assert "ours_s" not in text and "pure_ms" not in text
+
+
+def test_model_benchmark_json_and_section(tmp_path):
+    """`benchmarks/model.py --small` on two algorithms: a peer ratio, a floor ratio, the
+    batched/per-leaf ratio of Muon, kernel counts, and a RESULTS.md section naming the device."""
+    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "benchmarks.model", "--small", "--only", "adamw", "muon"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "model.json").read_text())
+    assert data["device"] and data["n_leaves"] == 12
+    rows = {(r["name"], r["variant"]): r for r in data["results"]}
+    adamw = rows[("adamw", "weight_decay=0.01")]
+    assert adamw["peer"] == "optax.adamw" and adamw["ours/peer"] > 0 and adamw["ours/floor"] > 0
+    assert adamw["kernels/leaf"] > 0 and adamw["peer_kernels/leaf"] > 0
+    muon = rows[("muon", "default (float32, HIGHEST)")]
+    assert muon["peer"] == "optax.contrib.muon" and muon["batched/per-leaf"] > 0
+    assert muon["floor_kind"] in ("memory", "matmul (highest)")
+    assert data["adamw_one_flat_leaf/tree"] > 0
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    text = run.render(tmp_path, [], "plots")
+    assert "## Whole model" in text and f"Device: {data['device']}" in text
+    assert "| muon | default (float32, HIGHEST) |" in text
