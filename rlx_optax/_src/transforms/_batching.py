@@ -8,8 +8,13 @@ product per shape group instead of one chain of small kernels per leaf), and spl
 results back. The per-leaf function is the one implementation; vmap only batches it, so the
 results are those of the per-leaf loop up to the rounding of batched products.
 
-Leaves on a mesh with Explicit axes are run one by one: their products carry explicit output
-shardings (`linalg._sharding`) that a stack of differently sharded leaves would not have.
+Leaves on a mesh of several devices are run one by one. Their layouts differ from leaf to
+leaf (rows, columns, replicated), and a stack has one layout: on an Explicit mesh the products
+carry explicit output shardings (`linalg._sharding`) that a stack would not have, and on an
+Auto mesh (where the partition spec is not visible while tracing) the compiler would give every
+leaf of the stack, and the state computed from it, the same layout, not its parameter's.
+Batching is for the single-device step (one GPU, one CPU), where the per-leaf kernel chains
+cost most.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 
-def _on_explicit_mesh(x: Any) -> bool:
+def _on_mesh(x: Any) -> bool:
+    """Whether `x` lives on a mesh of several devices (Auto or Explicit axes)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return False
-    return any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types)
+    return sharding.mesh.size > 1
 
 
 def _is_array(x: Any) -> bool:
@@ -35,10 +41,10 @@ def _is_array(x: Any) -> bool:
 
 
 def _signature(x: Any, index: int) -> Any:
-    """What two leaves' arguments must share to be stacked; unique for explicit meshes."""
+    """What two leaves' arguments must share to be stacked; unique on a multi-device mesh."""
     if _is_array(x):
-        if _on_explicit_mesh(x):
-            return ("explicit", index)
+        if _on_mesh(x):
+            return ("mesh", index)
         return (
             "array",
             tuple(x.shape),
