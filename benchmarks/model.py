@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = "small" if args.small else args.size
     if size is None:
         size = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    iters = 2 if size == "small" else 5
+    iters = 2 if size == "small" else 3
     rounds = 1 if size == "small" else args.rounds
     t0 = time.perf_counter()
     payload = run(size, args.only, rounds, iters)

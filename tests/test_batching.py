@@ -112,12 +112,10 @@ def test_muon_newton_schulz_traced_once_per_shape():
 @pytest.mark.parametrize(
     ("make", "primitive"),
     [
-        (lambda: rlx_optax.soap(3e-3), "eigh"),
-        (lambda: rlx_optax.soap(3e-3), "dot_general"),
         (lambda: rlx_optax.kron_psgd(0.01), "triangular_solve"),
         (lambda: rlx_optax.kron_psgd(0.01), "dot_general"),
     ],
-    ids=["soap-eigh", "soap-dot", "kron-solve", "kron-dot"],
+    ids=["kron-solve", "kron-dot"],
 )
 def test_one_factor_computation_per_shape_group(make, primitive):
     """Three (8, 12), two (12, 8) and one (6, 6) matrix trace the factor work of three

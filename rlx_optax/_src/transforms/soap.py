@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -381,9 +380,9 @@ def scale_by_soap(
                 bases, m_new, v_new = maybe_refresh(stats, bases, m_new, v_new)
             return u.reshape(g.shape).astype(g.dtype), m_new, v_new, stats, bases
 
-        # Same-shaped leaves run as one batched computation (`grouped_map`): one batched Gram,
-        # rotation and refresh per shape group.
-        u, mu, nu, stats, bases = _batching.grouped_map(
+        # Not batched across same-shaped leaves (`_batching.grouped_map`): the vmapped step hung
+        # in XLA's CPU runtime on its second call (d=64 model, two layers); per leaf until fixed.
+        u, mu, nu, stats, bases = common.tree_map_multi(
             leaf, 5, updates, state.mu, state.nu, state.stats, state.bases
         )
         return u, SoapState(
