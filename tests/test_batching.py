@@ -16,6 +16,33 @@ import pytest
 import rlx_optax
 from rlx_optax._src.transforms import _batching
 
+
+@pytest.fixture(autouse=True)
+def batched_on_cpu():
+    """The batched path is the accelerator default; force it here so CPU CI checks it."""
+    with _batching.force_batching(True):
+        yield
+
+
+def test_cpu_runs_leaf_by_leaf_unless_forced():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU default")
+    with _batching.force_batching(False):
+        assert not _batching.batching_enabled()
+    assert _batching.batching_enabled()  # inside the fixture
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return (x * 2,)
+
+    xs = {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))}
+    with _batching.force_batching(False):
+        (out,) = _batching.grouped_map(fn, 1, xs)
+    assert calls == [(2, 3), (2, 3)]  # one call per leaf, no stack
+    np.testing.assert_array_equal(np.asarray(out["b"]), 2 * np.ones((2, 3)))
+
+
 SHAPES = {
     "a": (8, 12),
     "b": (8, 12),
