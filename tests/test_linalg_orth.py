@@ -117,7 +117,7 @@ def test_traced_step_count_matches_static(coeffs):
 
 def test_bfloat16_compute_is_close():
     x = _random((32, 48), 8)
-    got = np.asarray(newton_schulz(jnp.asarray(x), compute_dtype=jnp.bfloat16), np.float64)
+    got = np.asarray(newton_schulz(jnp.asarray(x), ns_dtype=jnp.bfloat16), np.float64)
     want, _ = ns_oracle(x, DEFAULT_NS_COEFFS, 5)
     assert np.abs(got - want).max() < 0.05  # bf16 has 8 bits of mantissa
     assert newton_schulz(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
@@ -194,3 +194,13 @@ def test_tangent_projection():
     np.testing.assert_allclose(again, got, atol=1e-5)  # idempotent
     with pytest.raises(ValueError, match="shape"):
         stiefel_tangent_projection(jnp.ones((2, 3)), jnp.ones((3, 2)))
+
+
+def test_newton_schulz_ns_dtype_is_the_name_and_compute_dtype_is_deprecated():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 4)), jnp.float32)
+    new = newton_schulz(x, ns_dtype=jnp.bfloat16)
+    with pytest.warns(DeprecationWarning, match="ns_dtype"):
+        old = newton_schulz(x, compute_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="ns_dtype"):
+        newton_schulz(x, ns_dtype=jnp.float32, compute_dtype=jnp.bfloat16)

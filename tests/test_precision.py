@@ -173,7 +173,7 @@ def test_newton_schulz_policy_by_compute_dtype():
     x = jax.random.normal(jax.random.key(1), (5, 7))
     f32 = dot_precisions(jax.make_jaxpr(lambda a: newton_schulz(a))(x).jaxpr)
     bf16 = dot_precisions(
-        jax.make_jaxpr(lambda a: newton_schulz(a, compute_dtype=jnp.bfloat16))(x).jaxpr
+        jax.make_jaxpr(lambda a: newton_schulz(a, ns_dtype=jnp.bfloat16))(x).jaxpr
     )
     traced = dot_precisions(jax.make_jaxpr(lambda a, n: newton_schulz(a, n))(x, 3).jaxpr)
     assert f32 and all(set(_names(p)) == {HIGHEST} for p, _ in f32)

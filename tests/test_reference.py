@@ -160,10 +160,10 @@ def test_bf16_newton_schulz_rounds_like_torch(shape):
         x, theirs = f[f"{shape}/x"], _bf16_values(f[f"{shape}/torch"])
     with jax.enable_x64(True):
         exact = np.asarray(
-            rx.newton_schulz(jnp.asarray(x, jnp.float64), 5, eps=1e-7, compute_dtype=jnp.float64)
+            rx.newton_schulz(jnp.asarray(x, jnp.float64), 5, eps=1e-7, ns_dtype=jnp.float64)
         )
     ours = np.asarray(
-        rx.newton_schulz(jnp.asarray(x), 5, eps=1e-7, compute_dtype=jnp.bfloat16), np.float32
+        rx.newton_schulz(jnp.asarray(x), 5, eps=1e-7, ns_dtype=jnp.bfloat16), np.float32
     )
     norm = np.linalg.norm(exact)
     ours_err = np.linalg.norm(ours - exact) / norm

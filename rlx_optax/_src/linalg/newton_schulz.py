@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ def newton_schulz(
     coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     *,
     eps: float = 1e-12,
+    ns_dtype: Any = None,
     compute_dtype: Any = None,
     precision: Any = None,
 ) -> jax.Array:
@@ -82,8 +84,10 @@ def newton_schulz(
         iteration; when `steps` exceeds the rows, the last row repeats. `c = 0` in every row
         skips the :math:`A^2` product.
       eps: floor of the Frobenius norm.
-      compute_dtype: dtype of the iteration (default: float32, or the input dtype if wider).
-        ``jnp.bfloat16`` follows the reference's bf16 cast (on CPU it is slower).
+      ns_dtype: dtype of the iteration (default: float32, or the input dtype if wider), the
+        same name as `muon`'s argument. ``jnp.bfloat16`` follows the reference's bf16 cast
+        (on CPU it is slower).
+      compute_dtype: deprecated name of `ns_dtype`.
       precision: precision of the matrix products (a `jax.lax.Precision`, its name, or a
         `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration, so the
         result is float32-accurate on every backend (the backend default would be TF32 on
@@ -119,7 +123,16 @@ def newton_schulz(
     cubic_only = bool(np.all(table[:, 2] == 0.0))
     check_precision("precision", precision)
 
-    ct = compute_dtype or jnp.promote_types(x.dtype, jnp.float32)
+    if compute_dtype is not None:
+        warnings.warn(
+            "newton_schulz(compute_dtype=) is deprecated; use ns_dtype= (as in muon)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if ns_dtype is not None and jnp.dtype(ns_dtype) != jnp.dtype(compute_dtype):
+            raise ValueError("pass ns_dtype only (compute_dtype is its deprecated name)")
+        ns_dtype = compute_dtype
+    ct = ns_dtype or jnp.promote_types(x.dtype, jnp.float32)
     precision = resolve_precision(precision, ct)
     transposed = x.shape[0] > x.shape[1]
     X = (x.T if transposed else x).astype(ct)

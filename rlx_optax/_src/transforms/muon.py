@@ -178,9 +178,7 @@ def scale_by_muon(
 
     def orthogonalise(d):
         return (
-            newton_schulz(
-                d, ns_steps, ns_coeffs, eps=eps, compute_dtype=ns_dtype, precision=precision
-            ),
+            newton_schulz(d, ns_steps, ns_coeffs, eps=eps, ns_dtype=ns_dtype, precision=precision),
         )
 
     def update_fn(updates, state, params=None):
