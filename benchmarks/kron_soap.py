@@ -87,15 +87,7 @@ def main() -> None:
         row["kron_floor_s"] = kron_flops(m, n) / gemm
         row["kron_over_floor"] = kron_t / row["kron_floor_s"]
         ref = rlx_optax.kron_psgd(
-            1e-3,
-            momentum_before=True,
-            probe="random",
-            key=jax.random.key(0),
-            factor_update="reference",
-            clip_mode="rms",
-            clip=1.1,
-            precondition_nd=True,
-            max_size_triangular=8192,
+            1e-3, behaviour="reference", key=jax.random.key(0), update_probability=1.0
         )
         row["kron_reference_s"] = block_time(ref, (m, n))
         row["kron_reference_over_floor"] = row["kron_reference_s"] / row["kron_floor_s"]

@@ -124,16 +124,9 @@ def psgd_kron_pair():
     peer = kron_soap.load_psgd_jax()
     if peer is None:
         return None
+    # the reference preset; factors updated every step, as psgd-jax is configured below
     ours = rlx_optax.kron_psgd(
-        LR,
-        momentum_before=True,
-        probe="random",
-        key=jax.random.key(0),
-        factor_update="reference",
-        clip_mode="rms",
-        clip=1.1,
-        precondition_nd=True,
-        max_size_triangular=8192,
+        LR, behaviour="reference", key=jax.random.key(0), update_probability=1.0
     )
     theirs = peer(LR, b1=0.9, preconditioner_update_probability=1.0)
     return ours, theirs
