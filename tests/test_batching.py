@@ -141,12 +141,15 @@ def test_muon_newton_schulz_traced_once_per_shape():
     [
         (lambda: rlx_optax.kron_psgd(0.01), "triangular_solve"),
         (lambda: rlx_optax.kron_psgd(0.01), "dot_general"),
+        (lambda: rlx_optax.soap(3e-3), "eigh"),
+        (lambda: rlx_optax.soap(3e-3), "dot_general"),
+        (lambda: rlx_optax.soap(3e-3, behaviour="reference"), "qr"),
     ],
-    ids=["kron-solve", "kron-dot"],
+    ids=["kron-solve", "kron-dot", "soap-eigh", "soap-dot", "soap-qr"],
 )
 def test_one_factor_computation_per_shape_group(make, primitive):
-    """Three (8, 12), two (12, 8) and one (6, 6) matrix trace the factor work of three
-    leaves (one per shape), not six."""
+    """Three (8, 12), two (12, 8) and one (6, 6) matrix trace the factor (Kron) or statistics
+    and eigenbasis (SOAP) work of three leaves (one per shape), not six."""
     tx = make()
 
     def count(params):
@@ -181,3 +184,55 @@ def test_grouped_map_groups_by_shape_dtype_and_static_values():
     np.testing.assert_array_equal(out["a"], 2 * np.ones((2, 3)))
     np.testing.assert_array_equal(out["d"], np.ones((2, 3)))
     assert out["c"].dtype == jnp.bfloat16
+
+
+def _operand_ranks(jaxpr, primitive: str) -> list[int]:
+    """Ranks of the first operand of every `primitive` equation, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            out.append(eqn.invars[0].aval.ndim)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _operand_ranks(sub, primitive)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "primitive"),
+    [({}, "eigh"), ({"behaviour": "reference"}, "qr")],
+    ids=["eigh", "qr"],
+)
+def test_batched_soap_calls_lapack_one_matrix_at_a_time_on_cpu(kwargs, primitive):
+    """jaxlib's batched CPU LAPACK kernels block an intra-op pool thread while their batch
+    runs on the pool: two at once deadlocked a 2-core machine (SOAP's batched step on a d=64
+    tree, seen under gdb, racy). On the CPU the batched step must therefore call LAPACK on
+    single matrices (a loop over the group), and only there."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU path")
+    tx = rlx_optax.soap(3e-3, **kwargs)
+    params = {k: v for k, v in tree(0).items() if k != "v"}
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, tx.init(params))
+    ranks = _operand_ranks(jaxpr.jaxpr, primitive)
+    assert ranks and set(ranks) == {2}, ranks
+
+
+@pytest.mark.parametrize("name", ["eigh", "qr"])
+def test_lapack_wrappers_equal_jnp_batched_nested_and_differentiated(name):
+    from rlx_optax._src.linalg import _lapack
+
+    ours, theirs = getattr(_lapack, name), getattr(jnp.linalg, name)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 6, 6)), jnp.float32)
+    s = x @ jnp.swapaxes(x, -1, -2) if name == "eigh" else x
+    got = jax.jit(jax.vmap(jax.vmap(ours)))(s)
+    want = theirs(s)
+    for a, b in zip(got, want, strict=True):  # the same LAPACK routine per matrix
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # derivatives are jnp's own (forward and reverse, batched)
+    f_ours = lambda m: jnp.sum(ours(m)[0] ** 2)  # noqa: E731
+    f_theirs = lambda m: jnp.sum(theirs(m)[0] ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(jax.grad(f_ours))(s[0])),
+        np.asarray(jax.vmap(jax.grad(f_theirs))(s[0])),
+        rtol=1e-5,
+        atol=1e-5,
+    )

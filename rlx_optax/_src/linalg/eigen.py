@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg import _lapack
 from rlx_optax._src.linalg._sharding import explicit_shardings, unshard_axis
 
 Precision = jax.lax.Precision | None
@@ -99,7 +100,7 @@ def _null_space_completion(
     p = jnp.eye(n, dtype=q.dtype) - jnp.matmul(kept, kept.T, precision=precision)
     d = jnp.arange(n, 0, -1).astype(q.dtype)
     m = jnp.matmul(p * d[None, :], p, precision=precision)
-    _, v = jnp.linalg.eigh(0.5 * (m + m.T))
+    _, v = _lapack.eigh(0.5 * (m + m.T))
     v = v[:, ::-1]  # the complement first (eigenvalues >= 1), the range last (0)
     take = jnp.clip(jnp.arange(n) - rank, 0, n - 1)
     return jnp.where(jnp.arange(n)[None, :] < rank, q, v[:, take])
@@ -131,7 +132,7 @@ def symmetric_eigenbasis(s: jax.Array, *, precision: Precision = HIGHEST) -> jax
     ct = jnp.promote_types(s.dtype, jnp.float32)
     s = s.astype(ct)
     s = s / power_of_two_scale(s)  # exact; `s + s.T` and eigh's norms cannot overflow
-    w, q = jnp.linalg.eigh(0.5 * (s + s.T))
+    w, q = _lapack.eigh(0.5 * (s + s.T))
     w, q = w[::-1], q[:, ::-1]  # eigh sorts ascending
     n = s.shape[0]
     rank = jnp.sum(w > _rank_tolerance(n, ct) * jnp.maximum(w[0], 0)).astype(jnp.int32)
@@ -178,7 +179,7 @@ def qr_refresh(
     sq = jnp.matmul(s, q, precision=precision)
     estimated = jnp.sum(q * sq, axis=0)  # diag(q^T s q) without forming q^T s q
     order = jnp.argsort(-estimated).astype(jnp.int32)
-    q_new, r = jnp.linalg.qr(sq[:, order])
+    q_new, r = _lapack.qr(sq[:, order])
     diag = jnp.abs(jnp.diagonal(r))
     deficient = jnp.any(diag <= _rank_tolerance(s.shape[0], ct) * jnp.max(diag))
     signs = jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(ct)

@@ -6,7 +6,9 @@ per-leaf function; `grouped_map` stacks the leaves whose arguments agree in stru
 dtype and static values, runs the function once under `jax.vmap` over the stack (one batched
 product per shape group instead of one chain of small kernels per leaf), and splits the
 results back. The per-leaf function is the one implementation; vmap only batches it, so the
-results are those of the per-leaf loop up to the rounding of batched products.
+results are those of the per-leaf loop up to the rounding of batched products. (SOAP's `eigh`
+and `qr` batch through `linalg._lapack`, which loops over the group on the CPU: two batched
+LAPACK calls at once can deadlock jaxlib's CPU thread pool.)
 
 Leaves on a mesh of several devices are run one by one. Their layouts differ from leaf to
 leaf (rows, columns, replicated), and a stack has one layout: on an Explicit mesh the products

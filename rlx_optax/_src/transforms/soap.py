@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
+from rlx_optax._src.transforms import _batching
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -380,9 +381,8 @@ def scale_by_soap(
                 bases, m_new, v_new = maybe_refresh(stats, bases, m_new, v_new)
             return u.reshape(g.shape).astype(g.dtype), m_new, v_new, stats, bases
 
-        # Not batched across same-shaped leaves (`_batching.grouped_map`): the vmapped step hung
-        # in XLA's CPU runtime on its second call (d=64 model, two layers); per leaf until fixed.
-        u, mu, nu, stats, bases = common.tree_map_multi(
+        # Same-shaped leaves run as one batched computation (`grouped_map`).
+        u, mu, nu, stats, bases = _batching.grouped_map(
             leaf, 5, updates, state.mu, state.nu, state.stats, state.bases
         )
         return u, SoapState(
