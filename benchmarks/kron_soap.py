@@ -6,12 +6,21 @@ SOAP is timed over blocks of `precond_freq` steps, so its eigendecomposition ref
 amortised as in training. Kron is also compared with psgd-jax's `kron` when psgd-jax is
 installed (``pip install .[bench]``); nothing of psgd-jax is used by the library.
 
-Run: ``python -m benchmarks.kron_soap`` (writes benchmarks/out/kron_soap.json).
+With ``--large`` it times the issue's large single matrices instead: Kron reference mode
+against psgd-jax's ``kron`` on (2048, 2048), (1024, 4096) and (4096, 4096) (2-step blocks: the
+factors are updated every step, nothing to amortise), and SOAP on (2048, 8192): its compile
+time, and its step time over one block of `FREQ` steps (the eigendecomposition refresh
+amortised) against the floor. On a 2-core CPU this takes about 10 minutes.
+
+Run: ``python -m benchmarks.kron_soap [--large]`` (writes benchmarks/out/kron_soap.json or
+kron_soap_large.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +30,8 @@ import rlx_optax
 from benchmarks import harness
 
 SHAPES = [(512, 512), (512, 1024)]
+LARGE_KRON = [(2048, 2048), (1024, 4096), (4096, 4096)]
+LARGE_SOAP = (2048, 8192)
 FREQ = 10  # SOAP's precond_freq (the crate's default); also the block length for every timing
 
 
@@ -72,7 +83,66 @@ def block_time(tx, shape, steps=FREQ, iters=3):
     return harness.time_step(step, carry, warmup=1, iters=iters) / steps
 
 
-def main() -> None:
+def one_block(tx, shape, steps):
+    """Compile seconds, and seconds per step of one timed block of `steps` donated steps
+    (after one untimed block), all with the same gradient: for matrices too large to time
+    repeatedly."""
+    params = {"w": jax.random.normal(jax.random.key(0), shape, jnp.float32) * 0.02}
+    grads = {"w": jax.random.normal(jax.random.key(1), shape, jnp.float32)}
+
+    def run(params, state, g):
+        def body(carry, _):
+            p, s = carry
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(body, (params, state), None, length=steps)[0]
+
+    step = jax.jit(run, donate_argnums=(0, 1))
+    state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    carry = harness.block(compiled(params, state, grads))  # untimed: the first refresh
+    t0 = time.perf_counter()
+    harness.block(compiled(*carry, grads))
+    return compile_s, (time.perf_counter() - t0) / steps
+
+
+def large(psgd_kron) -> dict:
+    gemm = harness.gemm_rate(2048)
+    rows = []
+    for m, n in LARGE_KRON:
+        ref = rlx_optax.kron_psgd(
+            1e-3, behaviour="reference", key=jax.random.key(0), update_probability=1.0
+        )
+        row = {"algorithm": "kron_psgd reference", "shape": [m, n]}
+        row["compile_s"], row["step_s"] = one_block(ref, (m, n), 2)
+        row["floor_s"] = kron_flops(m, n) / gemm
+        if psgd_kron is not None:
+            peer = psgd_kron(1e-3, b1=0.9, preconditioner_update_probability=1.0)
+            _, row["psgd_jax_step_s"] = one_block(peer, (m, n), 2)
+            row["ours/psgd_jax"] = row["step_s"] / row["psgd_jax_step_s"]
+        rows.append(row)
+        print(row, flush=True)
+    m, n = LARGE_SOAP
+    row = {"algorithm": "soap (crate default, eigh refresh)", "shape": [m, n]}
+    row["compile_s"], row["step_s"] = one_block(rlx_optax.soap(3e-3), (m, n), FREQ)
+    row["floor_s"] = soap_flops(m, n) / gemm
+    row["ours/floor"] = row["step_s"] / row["floor_s"]
+    rows.append(row)
+    print(row, flush=True)
+    return {"gemm_flops_per_s": gemm, "psgd_jax": psgd_kron is not None, "results": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--large", action="store_true", help="the large single matrices")
+    args = ap.parse_args(argv)
+    if args.large:
+        path = harness.write_json("kron_soap_large", large(load_psgd_jax()))
+        print(f"wrote {path.name}")
+        return
     gemm = harness.gemm_rate(1024)
     psgd_kron = load_psgd_jax()
     results = []
