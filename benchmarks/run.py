@@ -30,29 +30,37 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import convergence, elementwise, harness, memory, model  # noqa: E402
 
-# Module -> (arguments for a full run, arguments for a smoke run, title in RESULTS.md).
+# Module -> (arguments for a full run, arguments for a smoke run or None to skip it there,
+# title in RESULTS.md). `SOURCE` names the file of an entry that is another's mode.
 MODULES: dict[str, tuple[list[str], list[str], str]] = {
     "model": ([], ["--small"], "Whole model: every algorithm on a transformer-shaped tree"),
     "elementwise": ([], ["--small"], "Element-wise families: donated step vs optax and the floor"),
     "memory": ([], ["--small"], "Memory: state bytes per parameter, peak of a donated step"),
     "muon": ([], ["--quick"], "Muon and Adafactor"),
     "kron_soap": ([], [], "SOAP and Kron-PSGD vs the matmul floor and psgd-jax"),
+    "kron_soap_large": (
+        ["--large"],
+        None,  # not part of smoke runs
+        "Large single matrices: Kron vs psgd-jax, SOAP 2048x8192",
+    ),
     "sophia_mars": ([], ["--small"], "Sophia and MARS"),
     "stateful": ([], ["--small"], "Stateful API vs the pure step"),
     "convergence": ([], ["--small"], "Convergence"),
 }
+SOURCE = {"kron_soap_large": "kron_soap"}
 OWN_RENDERERS = {"elementwise", "memory", "convergence", "model"}
 RATIO_HINTS = ("over", "/", "ratio", "bytes_per", "per_param")
 
 
 def run_module(name: str, args: list[str], timeout: float) -> dict[str, Any]:
     """Run one module in a fresh interpreter; return its status."""
-    if not (ROOT / "benchmarks" / f"{name}.py").is_file():
+    source = SOURCE.get(name, name)
+    if not (ROOT / "benchmarks" / f"{source}.py").is_file():
         return {"module": name, "status": "missing"}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{name}", *args],
+            [sys.executable, "-m", f"benchmarks.{source}", *args],
             cwd=ROOT,
             # single-threaded LAPACK (see benchmarks/model.py): spinning OpenBLAS threads on a
             # busy CPU time the load, not the algorithm
@@ -210,7 +218,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = render_convergence(payload, plots)
         else:
             body = render_generic(payload)
-        lines += ["", f"## {title}", "", f"(`benchmarks/{name}.py`)", "", body]
+        source = SOURCE.get(name, name)
+        lines += ["", f"## {title}", "", f"(`benchmarks/{source}.py`)", "", body]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +239,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     if not args.report_only:
         for name in args.modules or list(MODULES):
             full, small, _ = MODULES[name]
+            if args.small and small is None:
+                continue
             print(f"running benchmarks/{name}.py ...", flush=True)
             extra = list(small if args.small else full)
             if args.algorithms and name in OWN_RENDERERS:
