@@ -245,3 +245,19 @@ def test_crate_gradient_probe_leaves_the_factors_exactly_the_identity(shape, jit
         # float64 oracle: P = I, so the update is g clipped to max-abs 1
         want = g.astype(np.float64) * min(1.0, 1.0 / np.max(np.abs(g.astype(np.float64))))
         np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize(("n", "block"), [(5, 512), (7, 2), (33, 4), (513, 512), (700, 256)])
+def test_blocked_upper_triangular_product_is_the_dense_product(n, block):
+    """The factor step's blocked product against float64 NumPy (`np.triu(a) @ np.triu(b)`):
+    float32 rounding, exact zeros below the diagonal, lower inputs ignored."""
+    from rlx_optax._src.linalg import triangular
+
+    rng = np.random.default_rng(n)
+    a, b = (rng.normal(size=(n, n)).astype(np.float32) for _ in range(2))
+    got = np.asarray(
+        jax.jit(lambda a, b: triangular.upper_triangular_product(a, b, block=block))(a, b)
+    )
+    want = np.triu(a).astype(np.float64) @ np.triu(b).astype(np.float64)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert np.all(np.tril(got, -1) == 0)

@@ -58,6 +58,51 @@ def solve_upper_triangular(
     return out if b_sharding is None else jax.sharding.reshard(out, b_sharding)
 
 
+#: Upper-triangular products of matrices at least this long are split into blocks.
+TRIANGULAR_BLOCK = 512
+
+
+def upper_triangular_product(
+    a: jax.Array, b: jax.Array, *, precision: Precision = HIGHEST, block: int = TRIANGULAR_BLOCK
+) -> jax.Array:
+    r"""``triu(a) @ triu(b)`` (upper triangular) in about a third of the dense FLOPs.
+
+    With both factors split at :math:`h = \lceil n/2 \rceil`,
+
+    .. math::
+        \begin{pmatrix} A_{11} & A_{12} \\ 0 & A_{22} \end{pmatrix}
+        \begin{pmatrix} B_{11} & B_{12} \\ 0 & B_{22} \end{pmatrix} =
+        \begin{pmatrix} A_{11}B_{11} & A_{11}B_{12} + A_{12}B_{22} \\ 0 & A_{22}B_{22}
+        \end{pmatrix}
+
+    and the diagonal blocks recurse, so the product costs :math:`\tfrac23 n^3` multiply-adds
+    instead of :math:`2n^3` (a dense product, as psgd-jax computes Kron's factor step, spends
+    the rest on the zeros). Matrices shorter than `block` are one dense product. The entries
+    are those of the dense product up to the order of float32 sums (blocks add the same terms
+    in another order; an exact triangular input gives exact zeros below the diagonal).
+
+    Args:
+      a: array of shape (n, n); only its upper triangle is read.
+      b: array of shape (n, n); only its upper triangle is read.
+      precision: matmul precision of every block product.
+      block: matrices shorter than this are multiplied densely.
+
+    Returns:
+      The upper-triangular product, shape (n, n).
+    """
+    n = a.shape[0]
+    if n < block:
+        return jnp.matmul(jnp.triu(a), jnp.triu(b), precision=precision)
+    h = (n + 1) // 2
+    c11 = upper_triangular_product(a[:h, :h], b[:h, :h], precision=precision, block=block)
+    c22 = upper_triangular_product(a[h:, h:], b[h:, h:], precision=precision, block=block)
+    c12 = jnp.matmul(jnp.triu(a[:h, :h]), b[:h, h:], precision=precision) + jnp.matmul(
+        a[:h, h:], jnp.triu(b[h:, h:]), precision=precision
+    )
+    lower = jnp.zeros((n - h, h), c11.dtype)
+    return jnp.block([[c11, c12], [lower, c22]])
+
+
 def lie_group_factor_step(
     q: jax.Array,
     m: jax.Array,
@@ -73,7 +118,9 @@ def lie_group_factor_step(
         q \leftarrow q - \mu\, \mathrm{triu}(m)\, q \quad (\text{side="left"})
 
     The product of two upper-triangular matrices is upper triangular, so `q` stays in the
-    group as long as its diagonal stays non-zero (it is scaled by :math:`1 - \mu\,m_{ii}`).
+    group as long as its diagonal stays non-zero (it is scaled by :math:`1 - \mu\,m_{ii}`);
+    it is computed by blocks (`upper_triangular_product`, a third of the dense FLOPs), and
+    only the upper triangle of `q` is read.
     For a diagonal factor (1-D `q`, 1-D `m`) both sides are :math:`q - \mu\, m \odot q`.
 
     Args:
@@ -91,9 +138,9 @@ def lie_group_factor_step(
     if q.ndim == 1:
         new = q - step * m * q
     elif side == "right":
-        new = q - step * jnp.matmul(q, jnp.triu(m), precision=precision)
+        new = q - step * upper_triangular_product(q, m, precision=precision)
     else:
-        new = q - step * jnp.matmul(jnp.triu(m), q, precision=precision)
+        new = q - step * upper_triangular_product(m, q, precision=precision)
     return like_explicit(new, q)  # `m` may come sharded (a sum over a sharded axis)
 
 
