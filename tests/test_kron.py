@@ -261,3 +261,20 @@ def test_blocked_upper_triangular_product_is_the_dense_product(n, block):
     want = np.triu(a).astype(np.float64) @ np.triu(b).astype(np.float64)
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     assert np.all(np.tril(got, -1) == 0)
+
+
+@pytest.mark.parametrize(("m", "n"), [(600, 520), (5, 700)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_along_axes_upper_triangular_is_the_dense_product(m, n, transpose):
+    """Kron's blocked triangular products against float64 NumPy: ``A x B^T`` (or ``A^T x B``)
+    for upper-triangular A, B (their lower triangles ignored)."""
+    from rlx_optax._src import linalg
+
+    rng = np.random.default_rng(m + n)
+    x = rng.normal(size=(m, n)).astype(np.float32)
+    a = rng.normal(size=(m, m)).astype(np.float32)
+    b = rng.normal(size=(n, n)).astype(np.float32)
+    got = np.asarray(linalg.apply_along_axes(x, [a, b], transpose=transpose, upper_triangular=True))
+    ta, tb = np.triu(a).astype(np.float64), np.triu(b).astype(np.float64)
+    want = ta.T @ x @ tb if transpose else ta @ x @ tb.T
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from rlx_optax._src.linalg import _lapack
 from rlx_optax._src.linalg._sharding import explicit_shardings, unshard_axis
+from rlx_optax._src.linalg.triangular import upper_triangular_matmul
 
 Precision = jax.lax.Precision | None
 
@@ -197,6 +198,7 @@ def apply_along_axes(
     *,
     transpose: bool = False,
     precision: Precision = HIGHEST,
+    upper_triangular: bool = False,
 ) -> jax.Array:
     r"""Multiply every axis of `x` by its own matrix: :math:`x \times_0 M_0 \times_1 M_1 \dots`.
 
@@ -209,6 +211,10 @@ def apply_along_axes(
       mats: k entries: a (d_i, d_i) matrix, a (d_i,) diagonal, or None.
       transpose: use the transposes of the matrices.
       precision: matmul precision.
+      upper_triangular: the matrices are upper triangular (their upper triangles are used):
+        a matrix `x` is multiplied by blocks that skip the zero ones
+        (`triangular.upper_triangular_matmul`; about half the FLOPs for long factors), except
+        on an explicit mesh, where the product keeps the layout of `x`.
 
     Returns:
       An array of the shape and dtype of `x`.
@@ -223,9 +229,17 @@ def apply_along_axes(
             shape[axis] = m.shape[0]
             x = x * m.reshape(shape)
             continue
+        _, x_sharding = explicit_shardings(x)  # the product keeps the layout of `x`
+        if upper_triangular and x.ndim == 2 and x_sharding is None:
+            # x (.) M along axis 0 is M x; along axis 1 it is x M^T
+            x = upper_triangular_matmul(
+                m, x, left=axis == 0, transpose=transpose == (axis == 0), precision=precision
+            )
+            continue
+        if upper_triangular:
+            m = jnp.triu(m)
         if transpose:
             m = m.T
-        _, x_sharding = explicit_shardings(x)  # the product keeps the layout of `x`
         if x.ndim == 2 and axis == 0:
             x = jnp.matmul(m, x, precision=precision, out_sharding=x_sharding)
         elif x.ndim == 2:

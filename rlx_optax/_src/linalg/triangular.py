@@ -103,6 +103,72 @@ def upper_triangular_product(
     return jnp.block([[c11, c12], [lower, c22]])
 
 
+def upper_triangular_matmul(
+    q: jax.Array,
+    x: jax.Array,
+    *,
+    left: bool = True,
+    transpose: bool = False,
+    precision: Precision = HIGHEST,
+    block: int = TRIANGULAR_BLOCK,
+) -> jax.Array:
+    r"""A dense matrix times an upper-triangular one, skipping the zero blocks.
+
+    ============================  =================================
+    ``left``, ``transpose``        returns
+    ============================  =================================
+    True, False                    :math:`\mathrm{triu}(q)\, x`
+    True, True                     :math:`\mathrm{triu}(q)^\top x`
+    False, False                   :math:`x\, \mathrm{triu}(q)`
+    False, True                    :math:`x\, \mathrm{triu}(q)^\top`
+    ============================  =================================
+
+    Split at :math:`h = \lceil n/2 \rceil`, e.g.
+    :math:`\mathrm{triu}(q)\,x = (Q_{11}X_1 + Q_{12}X_2;\ Q_{22}X_2)`: three of the four block
+    products, the diagonal ones recursing, down to about half the dense FLOPs for long `q`.
+    Matrices shorter than `block` are one dense product. The result is the dense product's up
+    to the order of float32 sums.
+
+    Args:
+      q: array of shape (n, n); only its upper triangle is read.
+      x: array of shape (n, k) when `left`, else (k, n).
+      precision: matmul precision of every block product.
+      block: `q` shorter than this is applied densely.
+
+    Returns:
+      The product, shaped like `x`.
+    """
+    n = q.shape[0]
+
+    def rec(q, x):
+        return upper_triangular_matmul(
+            q, x, left=left, transpose=transpose, precision=precision, block=block
+        )
+
+    def mm(a, b):
+        return jnp.matmul(a, b, precision=precision)
+
+    if n < block:
+        t = jnp.triu(q)
+        t = t.T if transpose else t
+        return mm(t, x) if left else mm(x, t)
+    h = (n + 1) // 2
+    q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
+    if left:
+        x1, x2 = x[:h], x[h:]
+        if transpose:  # (Q11^T X1 ; Q12^T X1 + Q22^T X2)
+            parts = [rec(q11, x1), mm(q12.T, x1) + rec(q22, x2)]
+        else:  # (Q11 X1 + Q12 X2 ; Q22 X2)
+            parts = [rec(q11, x1) + mm(q12, x2), rec(q22, x2)]
+        return jnp.concatenate(parts, axis=0)
+    x1, x2 = x[:, :h], x[:, h:]
+    if transpose:  # (X1 Q11^T + X2 Q12^T , X2 Q22^T)
+        parts = [rec(q11, x1) + mm(x2, q12.T), rec(q22, x2)]
+    else:  # (X1 Q11 , X1 Q12 + X2 Q22)
+        parts = [rec(q11, x1), mm(x1, q12) + rec(q22, x2)]
+    return jnp.concatenate(parts, axis=1)
+
+
 def lie_group_factor_step(
     q: jax.Array,
     m: jax.Array,

@@ -89,7 +89,7 @@ def _update_factors(
     the same step bit for bit, and its Gram products cannot overflow (a gradient above about
     1e19 would otherwise give +-inf and NaN).
     """
-    a = linalg.apply_along_axes(g, list(factors), precision=precision)
+    a = linalg.apply_along_axes(g, list(factors), precision=precision, upper_triangular=True)
     b = v
     for axis, q in enumerate(factors):
         b = _solve_along(b, q.astype(b.dtype), axis)
@@ -128,15 +128,16 @@ def _update_factors(
 def _precondition(factors: tuple, g: jax.Array, crate: bool, precision: Any) -> jax.Array:
     r"""`P_0 g P_1 ...` with :math:`P = Q^\top Q` (the crate's right factor: :math:`Q Q^\top`)."""
     mats = [q.astype(g.dtype) for q in factors]
+    kw = {"precision": precision, "upper_triangular": True}
     if crate:  # axis 0: Q^T Q ; axis 1: Q Q^T
         left = [mats[0], None]
         right = [None, mats[1]]
-        x = linalg.apply_along_axes(g, left, precision=precision)
-        x = linalg.apply_along_axes(x, left, transpose=True, precision=precision)
-        x = linalg.apply_along_axes(x, right, transpose=True, precision=precision)
-        return linalg.apply_along_axes(x, right, precision=precision)
-    x = linalg.apply_along_axes(g, mats, precision=precision)
-    return linalg.apply_along_axes(x, mats, transpose=True, precision=precision)
+        x = linalg.apply_along_axes(g, left, **kw)
+        x = linalg.apply_along_axes(x, left, transpose=True, **kw)
+        x = linalg.apply_along_axes(x, right, transpose=True, **kw)
+        return linalg.apply_along_axes(x, right, **kw)
+    x = linalg.apply_along_axes(g, mats, **kw)
+    return linalg.apply_along_axes(x, mats, transpose=True, **kw)
 
 
 def scale_by_kron_psgd(
