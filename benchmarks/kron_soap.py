@@ -48,10 +48,14 @@ def soap_flops(m: int, n: int) -> float:
 
 
 def kron_flops(m: int, n: int) -> float:
-    """Per step, dense counts: A (2 products), B (2 triangular solves, half a product each),
-    AA^T - BB^T on both sides (4 products), Q triu(M) on both sides, P G (4 products)."""
+    """Per step, counting what triangular factors need (a triangular times a dense matrix is
+    half a dense product; two triangular ones, a third): A (2 triangular products), B (2
+    triangular solves), A A^T and B B^T on both sides (4 dense Gram products), triu(M) Q on
+    both sides, P G (4 triangular products)."""
     mn = m * n
-    return 2 * mn * (m + n) + mn * (m + n) + 4 * mn * (m + n) + 2 * (m**3 + n**3) + 4 * mn * (m + n)
+    tri_apply = mn * (m + n)  # Q_L X and X Q_R^T: half of 2 mn (m + n)
+    # A, B (the solves cost a triangular product each), P G twice; Grams; factor steps
+    return 4 * tri_apply + 4 * mn * (m + n) + (2 / 3) * (m**3 + n**3)
 
 
 def load_psgd_jax():
