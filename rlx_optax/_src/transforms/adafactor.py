@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
-from rlx_optax._src.linalg import factored_second_moment, reconstruct_second_moment
 
 _FACTORED = ("rank2", "last_two", "none")
 _CLIPPING_RULES = ("crate", "paper")
@@ -70,19 +69,53 @@ def _placeholder(dtype: Any) -> jax.Array:
     return jnp.zeros((1,), dtype)
 
 
-def _saturating_reconstruction(v_row, v_col, normalization, eps):
-    r"""`reconstruct_second_moment`, with :math:`\hat V_{ij} = +\infty` where a statistic is.
+def _row_col_means_of_squares(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""Row and column means of :math:`g^2` over the last two axes, each reading `g` once.
+
+    The column reduction squares an `optimization_barrier` of `g` (it moves no data): with
+    one shared ``g * g``, XLA's CPU backend stores :math:`g^2` for the two reductions, a
+    write and two reads of a parameter-sized array more than these two reads of `g`.
+    """
+    h = jax.lax.optimization_barrier(g)
+    return jnp.mean(g * g, axis=-1), jnp.mean(h * h, axis=-2)
+
+
+def _inverse_root_factors(v_row, v_col, normalization, eps):
+    r"""Row and column factors of :math:`1/\sqrt{\hat V}`, zero where a statistic saturated.
+
+    :math:`\hat V_{ij} = a_i c_j` with :math:`a = r/\max(\nu(r), \epsilon_1)` (``"sum"``:
+    :math:`\nu(r) = \sum_k r_k`, ``"mean"``: their mean) and :math:`c` the column
+    statistics, so :math:`1/\sqrt{\hat V_{ij}} = a_i^{-1/2} c_j^{-1/2}`: the step needs two
+    vectors and a product per entry instead of a parameter-sized :math:`\hat V`, a square
+    root and a division per entry (the same numbers up to rounding).
 
     A row or column statistic saturates at +inf when a square in it overflows (|g| above
-    ~1.8e19 in float32); its normaliser is then +inf too and :math:`r_i/\sum_k r_k` would be
-    inf/inf = NaN. An entry whose row or column statistic is +inf is given :math:`\hat V =
-    +\infty` instead (so a zero update, as an unfactored saturated moment gives); the other
-    entries keep the plain formula (0 under a saturated normaliser). Finite statistics give
-    the unguarded result bit for bit.
+    ~1.8e19 in float32); its normaliser is then +inf too and :math:`a_i` would be inf/inf =
+    NaN. The factor of a saturated row or column is 0, and `_direction` gives its entries a
+    zero update (as an unfactored saturated moment gives). The other entries keep the plain
+    formula (:math:`\hat V = 0` under a saturated normaliser, then the floor).
+
+    Returns:
+      ``(ia, ic, sat_row, sat_col)``: :math:`a^{-1/2}` (..., R) and :math:`c^{-1/2}` (..., C)
+      with zeros where saturated, and the two saturation masks.
     """
-    v_hat = reconstruct_second_moment(v_row, v_col, normalization=normalization, eps=eps)
-    saturated = jnp.isposinf(v_row)[..., :, None] | jnp.isposinf(v_col)[..., None, :]
-    return jnp.where(saturated, jnp.asarray(jnp.inf, v_hat.dtype), v_hat)
+    if normalization == "mean":
+        denom = jnp.mean(v_row, axis=-1, keepdims=True)
+    else:
+        denom = jnp.sum(v_row, axis=-1, keepdims=True)
+    a = v_row / jnp.maximum(denom, eps)
+    sat_row, sat_col = jnp.isposinf(v_row), jnp.isposinf(v_col)
+    zero = jnp.zeros([], a.dtype)
+    ia = jnp.where(sat_row, zero, 1 / jnp.sqrt(a))
+    ic = jnp.where(sat_col, zero, 1 / jnp.sqrt(v_col))
+    return ia, ic, sat_row, sat_col
+
+
+def _direction(g, ia, ic, sat_row, sat_col, cap):
+    r""":math:`u = g / \max(\sqrt{\hat V}, \sqrt{\epsilon_1}) = g\,\min(a_i^{-1/2}c_j^{-1/2},
+    \epsilon_1^{-1/2})`, and 0 on saturated rows and columns (NaN where `g` is not finite)."""
+    w = jnp.minimum(ia[..., :, None] * ic[..., None, :], cap)
+    return g * jnp.where(sat_row[..., :, None] | sat_col[..., None, :], 0, w)
 
 
 def _momentum_zeros(params: optax.Params) -> optax.Params:
@@ -182,16 +215,16 @@ def scale_by_adafactor(
             beta2 = 1 - count.astype(ct) ** jnp.asarray(beta2_decay, ct)
             e1 = jnp.asarray(eps, ct)
             g32 = g.astype(ct)
-            g2 = g32 * g32 + e1
             if v.shape != g.shape:  # factored (see AdafactorState)
-                row, col = factored_second_moment(g2)
-                v_row = beta2 * v_row + (1 - beta2) * row
-                v_col = beta2 * v_col + (1 - beta2) * col
-                v_hat = _saturating_reconstruction(v_row, v_col, factored_normalization, e1)
+                # e1 added to the means, not to each square (the same up to rounding)
+                row, col = _row_col_means_of_squares(g32)
+                v_row = beta2 * v_row + (1 - beta2) * (row + e1)
+                v_col = beta2 * v_col + (1 - beta2) * (col + e1)
+                factors = _inverse_root_factors(v_row, v_col, factored_normalization, e1)
+                u = _direction(g32, *factors, 1 / jnp.sqrt(e1))
             else:
-                v = beta2 * v + (1 - beta2) * g2
-                v_hat = v
-            u = g32 / jnp.maximum(jnp.sqrt(v_hat), jnp.sqrt(e1))
+                v = beta2 * v + (1 - beta2) * (g32 * g32 + e1)
+                u = g32 / jnp.maximum(jnp.sqrt(v), jnp.sqrt(e1))
             rms = jnp.sqrt(jnp.mean(u * u))
             d = jnp.asarray(clipping_threshold, ct)
             u = u / jnp.maximum(1.0, rms * d if clipping_rule == "crate" else rms / d)
