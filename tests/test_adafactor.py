@@ -22,7 +22,7 @@ def _grads(params, n, seed=1):
 
 
 def adafactor64(params, seq, lr=None, wd=0.0, *, d=1.0, factored="rank2", min_dim=1,
-                norm="sum", clip="crate", momentum=None, param_scale=None):  # fmt: skip
+                norm="sum", clip="crate", momentum=None, param_scale=None, eps=1e-30):  # fmt: skip
     """Shazeer & Stern's Algorithm 4 and the crate's variant, float64, one leaf at a time."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     state = {}
@@ -32,7 +32,7 @@ def adafactor64(params, seq, lr=None, wd=0.0, *, d=1.0, factored="rank2", min_di
         beta2 = 1 - t**-0.8
         for k in p:
             gk = np.asarray(g[k], np.float64)
-            g2 = gk * gk + 1e-30
+            g2 = gk * gk + eps
             shape = gk.shape
             fac = (
                 factored != "none"
@@ -46,11 +46,11 @@ def adafactor64(params, seq, lr=None, wd=0.0, *, d=1.0, factored="rank2", min_di
                 c = beta2 * c + (1 - beta2) * g2.mean(-2)
                 state[k] = (r, c)
                 den = r.sum(-1) if norm == "sum" else r.mean(-1)
-                v = r[..., :, None] * c[..., None, :] / np.maximum(den, 1e-30)[..., None, None]
+                v = r[..., :, None] * c[..., None, :] / np.maximum(den, eps)[..., None, None]
             else:
                 v = beta2 * state.get(k, 0.0) + (1 - beta2) * g2
                 state[k] = v
-            u = gk / np.maximum(np.sqrt(v), 1e-15)
+            u = gk / np.maximum(np.sqrt(v), np.sqrt(eps))
             rms = np.sqrt(np.mean(u * u))
             u = u / max(1.0, rms * d if clip == "crate" else rms / d)
             if momentum is not None:
@@ -109,6 +109,25 @@ def test_matches_float64_transcription(ours, oracle):
     seq = _grads(params, 6)
     got, _ = run(rlx_optax.adafactor(**ours), params, seq)
     err = rel_err(got, adafactor64(params, seq, **oracle), params)
+    assert max(err.values()) < 1e-5, err
+
+
+@pytest.mark.parametrize("norm", ["sum", "mean"])
+def test_floor_of_the_factored_second_moment_matches_transcription(norm):
+    # rows of very different scales with a large eps1: V-hat falls under eps1 on the small
+    # rows, where u = g / sqrt(eps1) (the floor), and stays above it elsewhere
+    params = {"w": np.full((12, 10), 0.5, np.float32)}
+    rng = np.random.default_rng(3)
+    scales = np.logspace(-3, 0, 12)[:, None]
+    seq = [{"w": (scales * rng.normal(size=(12, 10))).astype(np.float32)} for _ in range(5)]
+    eps = 1e-4
+    g0 = seq[0]["w"].astype(np.float64)  # first step: beta2 = 0, V-hat from g0 alone
+    r, c = (g0 * g0 + eps).mean(-1), (g0 * g0 + eps).mean(-2)
+    v_hat = np.outer(r, c) / (r.sum() if norm == "sum" else r.mean())
+    assert 0.1 < np.mean(v_hat < eps) < 0.9  # guard: the floor binds on part of the leaf
+    tx = rlx_optax.adafactor(0.01, eps=eps, factored_normalization=norm)
+    got, _ = run(tx, params, seq)
+    err = rel_err(got, adafactor64(params, seq, 0.01, norm=norm, eps=eps), params)
     assert max(err.values()) < 1e-5, err
 
 
