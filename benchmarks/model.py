@@ -4,8 +4,9 @@ The tree is what users train: ``layers`` blocks of ``qkv (d, 3d)``, ``o (d, d)``
 ``up (d, 4d)``, ``down (4d, d)`` and two ``(d,)`` norm scales (many leaves, four matrix
 shapes). Sizes follow the backend: d=256, 4 layers (3.1M float32 parameters, 24 leaves) on a
 CPU; d=1024, 24 layers (302M, 144 leaves) on a GPU or TPU. Each row times a jitted scan of
-`STEPS` steps (``update + apply_updates``, params and state donated; SOAP's refresh every
-10 steps is amortised) and reports ratios measured in this process (DESIGN.md, Performance
+`STEPS` steps (``update + apply_updates``, params and state donated, two gradients taken
+in turn so that nothing is hoisted out of the loop; SOAP's refresh every 10 steps is
+amortised) and reports ratios measured in this process (DESIGN.md, Performance
 method):
 
 - ``ours/peer``: over optax's version of the same rule (sgd, adam, adamw, nadamw, radam,
@@ -251,15 +252,21 @@ def cases(params: Any, names: list[str] | None) -> list[dict[str, Any]]:
 
 
 def make_block(tx: optax.GradientTransformation, extra: dict, steps: int) -> Callable:
-    """A jitted scan of `steps` donated ``update + apply_updates`` with the same gradients."""
+    """A jitted scan of `steps` donated ``update + apply_updates``.
+
+    `grads` holds two gradients per leaf (a leading axis of 2), taken in turn: with one fixed
+    gradient XLA hoists whatever depends on the gradient alone out of the loop (Adafactor's
+    row and column means of g^2, for one), and the step would not be timed whole.
+    """
 
     def block(params, state, grads):
-        def body(carry, _):
+        def body(carry, i):
             p, s = carry
-            u, s = tx.update(grads, s, p, **extra)
+            g = jax.tree.map(lambda x: x[i % 2], grads)
+            u, s = tx.update(g, s, p, **extra)
             return (optax.apply_updates(p, u), s), None
 
-        return jax.lax.scan(body, (params, state), None, length=steps)[0]
+        return jax.lax.scan(body, (params, state), jnp.arange(steps))[0]
 
     return jax.jit(block, donate_argnums=(0, 1))
 
@@ -310,6 +317,10 @@ def run(size: str, names: list[str] | None, rounds: int, iters: int) -> dict[str
     d, layers = SIZES[size]
     params = random_tree(model_shapes(d, layers), 0, 0.02)
     grads = random_tree(model_shapes(d, layers), 1, 1.0)
+    # two gradients taken in turn by the timed scans (see `make_block`)
+    pair = jax.tree.map(
+        lambda a, b: jnp.stack([a, b]), grads, random_tree(model_shapes(d, layers), 2, 1.0)
+    )
     n = elementwise.n_params(params)
     steps = 2 if size == "small" else STEPS
     gemm_n = min(4096, max(256, 4 * d))
@@ -320,27 +331,29 @@ def run(size: str, names: list[str] | None, rounds: int, iters: int) -> dict[str
     rows = cases(params, names)
     jobs: list[tuple[Any, Callable[[], Timed]]] = []
     for i, c in enumerate(rows):
-        jobs.append(((i, "ours"), lambda c=c: Timed(c["tx"], params, grads, c["extra"], steps)))
+        jobs.append(((i, "ours"), lambda c=c: Timed(c["tx"], params, pair, c["extra"], steps)))
         if c.get("peer") is not None:
-            jobs.append(((i, "peer"), lambda c=c: Timed(c["peer"], params, grads, {}, steps)))
+            jobs.append(((i, "peer"), lambda c=c: Timed(c["peer"], params, pair, {}, steps)))
         if c.get("per_leaf") is not None:
             jobs.append(
                 (
                     (i, "per_leaf"),
                     lambda c=c: Timed(
-                        per_leaf(c["per_leaf"], params), params, grads, c["extra"], steps
+                        per_leaf(c["per_leaf"], params), params, pair, c["extra"], steps
                     ),
                 )
             )
             if not _batching.batching_enabled():  # CPU: as shipped is leaf by leaf; force it
-                jobs.append(((i, "batched"), lambda c=c: batched(c, params, grads, steps)))
+                jobs.append(((i, "batched"), lambda c=c: batched(c, params, pair, steps)))
     # the per-leaf overhead of the element-wise rules: adamw on one flat leaf of the same size
     if names is None or "adamw" in names:
         flat = {"all": jnp.zeros((n,), jnp.float32)}
-        flat_grads = {"all": jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])}
+        flat_grads = {
+            "all": jnp.concatenate([g.reshape(2, -1) for g in jax.tree.leaves(pair)], axis=1)
+        }
         adamw = optax.adamw(LR, weight_decay=0.01)
         jobs.append(("flat", lambda: Timed(adamw, flat, flat_grads, {}, steps)))
-        jobs.append(("tree", lambda: Timed(adamw, params, grads, {}, steps)))
+        jobs.append(("tree", lambda: Timed(adamw, params, pair, {}, steps)))
 
     # With several rounds every configuration stays compiled and resident and the rounds are
     # interleaved (the best median is kept, which discounts rounds disturbed by other load);
@@ -466,8 +479,8 @@ def render(payload: dict[str, Any]) -> str:
         f"Device: {payload['device']} ({payload['platform']}). Model: d={payload['d']}, "
         f"{payload['layers']} layers, {payload['n_params'] / 1e6:.1f}M float32 parameters in "
         f"{payload['n_leaves']} leaves; a jitted scan of {payload['steps_per_scan']} donated "
-        f"steps, best of {payload['rounds']} interleaved rounds. Copy bandwidth "
-        f"{payload['copy_bandwidth_GBps']:.1f} GB/s; GEMM "
+        f"steps (two gradients in turn), best of {payload['rounds']} interleaved rounds. "
+        f"Copy bandwidth {payload['copy_bandwidth_GBps']:.1f} GB/s; GEMM "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in payload["gemm_GFLOPs"].items())
         + ". `floor`: memory floor, or counted FLOPs / GEMM rate at the row's precision when "
         "larger. `batched/per-leaf`: same-shaped matrices batched (as shipped on accelerators, "
