@@ -20,3 +20,9 @@ from rlx_optax._src.linalg.triangular import solve_upper_triangular as solve_upp
 from rlx_optax._src.linalg.triangular import (
     spectral_norm_lower_bound as spectral_norm_lower_bound,
 )
+from rlx_optax._src.linalg.triangular import (
+    upper_triangular_matmul as upper_triangular_matmul,
+)
+from rlx_optax._src.linalg.triangular import (
+    upper_triangular_product as upper_triangular_product,
+)
