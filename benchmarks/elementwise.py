@@ -206,6 +206,91 @@ def compiled_traffic(hlo_text: str, min_bytes: int = 0) -> dict[str, int]:
     return {"bytes": moved, "passes": passes, "copies": copies}
 
 
+# An instruction of the entry computation: its name, result shape (a tuple shape in
+# parentheses) and opcode.
+_ENTRY_INSTR = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\(")
+# Instructions of the entry computation that launch nothing (views, tuples, inputs).
+_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def entry_kernels(hlo_text: str) -> list[tuple[str, str, str]]:
+    """``(name, opcode, result shape)`` of every top-level instruction of the compiled entry
+    computation that runs as a kernel or a runtime operation: fusions, copies, library calls,
+    concatenates, conditionals (everything but parameters, constants, tuples and bitcasts).
+
+    This counts more than `benchmarks.model.kernels_per_leaf`, which lists fusions, copies,
+    reductions and library calls only (an unfused concatenate or a conditional is missing
+    there).
+    """
+    entry = hlo_text[hlo_text.index("\nENTRY") :]
+    out = []
+    for line in entry.splitlines()[1:]:
+        m = _ENTRY_INSTR.match(line)
+        if m and m.group(3) not in _NO_KERNEL:
+            out.append((m.group(1), m.group(3), m.group(2)))
+    return out
+
+
+def step_hlo(tx: optax.GradientTransformation, params: Any, grads: Any, extra=None) -> str:
+    """The compiled HLO text of the donated ``update + apply_updates`` step (`make_step`)."""
+    step = make_step(tx)
+    return step.lower(params, tx.init(params), grads, extra or {}).compile().as_text()
+
+
+def kernel_census(tx, params: Any, grads: Any, extra=None) -> dict[str, Any]:
+    """Kernels of the compiled donated step: the list, the count by opcode and per leaf."""
+    kernels = entry_kernels(step_hlo(tx, params, grads, extra))
+    n_leaves = len(jax.tree.leaves(params))
+    by_op: dict[str, int] = {}
+    for _, op, _ in kernels:
+        by_op[op] = by_op.get(op, 0) + 1
+    return {"kernels": kernels, "by_op": by_op, "per_leaf": len(kernels) / n_leaves}
+
+
+def kernels_table(names: list[str] | None = None, size: str = "cpu", leaf=None) -> str:
+    """Kernels per leaf of every element-wise rule and its optax peer on the model benchmark's
+    transformer-shaped tree (`benchmarks.model`, sizes by `size`), as a Markdown table.
+
+    With `leaf` (a shape) the kernels of each step on a tree of that one leaf are listed too.
+    """
+    from benchmarks import model  # imports this module
+
+    d, layers = model.SIZES[size]
+    shapes = model.model_shapes(d, layers)
+    params = model.random_tree(shapes, 0, 0.02)
+    grads = model.random_tree(shapes, 1, 1.0)
+    one = {"w": jnp.full(tuple(leaf), 0.5, jnp.float32)} if leaf else None
+    lines = [
+        f"Model tree: d={d}, {layers} layers, {len(shapes)} leaves. `all`: every top-level "
+        "instruction that runs (`entry_kernels`); `model.py`: the model benchmark's count.",
+        "",
+        "| algorithm | ours: all | ours: model.py | optax: all | optax: model.py |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    listings = []
+    for row in elementwise_rows():
+        if names is not None and row.name not in names:
+            continue
+        kwargs, peer = OPTAX_PEERS.get(row.name, ({}, None))
+        pairs = [("ours", row.factory(LR, **kwargs), row.update_extra)]
+        if peer is not None:
+            pairs.append((f"optax.{row.name}", peer(), None))
+        cells = []
+        for label, tx, make_extra in pairs:
+            extra = make_extra(params, grads) if make_extra else {}
+            census = kernel_census(tx, params, grads, extra)
+            metric = model.kernels_per_leaf(tx, params, grads, extra)
+            cells += [f"{census['per_leaf']:.2f}", f"{metric:.2f}"]
+            if one is not None:
+                extra1 = make_extra(one, one) if make_extra else {}
+                ks = entry_kernels(step_hlo(tx, one, one, extra1))
+                listings.append(f"{row.name} ({label}), one leaf {tuple(leaf)}: {len(ks)}")
+                listings += [f"    {op:<12} {shape:<28} {name}" for name, op, shape in ks]
+        cells += ["-", "-"] * (2 - len(pairs))
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + listings if listings else []))
+
+
 def elementwise_rows() -> list[registry.Algorithm]:
     return [row for row in registry.ALGORITHMS if not row.matrix]
 
@@ -308,7 +393,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="registry names to time (default: all)")
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="print the kernels per leaf of each step on the model tree instead of timing",
+    )
+    ap.add_argument(
+        "--leaf", type=int, nargs="*", help="with --kernels: list the kernels of a one-leaf tree"
+    )
     args = ap.parse_args(argv)
+    if args.kernels:
+        print(kernels_table(args.only, "small" if args.small else "cpu", args.leaf))
+        return {}
     payload = (
         run(scale=0.001, rounds=1, iters=3, names=args.only)
         if args.small

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,43 +22,117 @@ class LambState(NamedTuple):
     nu: optax.Updates
 
 
+#: Terms with fewer entries than this are summed together with their neighbours of the same
+#: shape (see `_sum_squares_finite`).
+_SMALL_TERM = 4096
+
+Term = tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]
+
+
+def _values(fn: Callable[..., jax.Array], args: tuple[jax.Array, ...]) -> jax.Array:
+    x = fn(*args)
+    return x.astype(common.compute_dtype(x.dtype))
+
+
+def _runs(terms: list[Term]) -> list[list[int]]:
+    """`terms` cut into runs of neighbours summed together: a small term joins the run before
+    it when that run holds small terms of the same function, shape, dtype and sharding."""
+    runs: list[list[int]] = []
+    last = None
+    for i, (fn, args) in enumerate(terms):
+        out = jax.eval_shape(lambda a, fn=fn: _values(fn, a), args)
+        # (under explicit sharding only arrays sharded alike can be stacked)
+        key = (fn, out.shape, out.dtype, out.sharding) if out.size < _SMALL_TERM else None
+        if key is not None and key == last:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        last = key
+    return runs
+
+
+def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> jax.Array:
+    """The sums of squares over the finite entries of each ``fn(*args)`` of `terms` (the
+    squares of the crate's `l2_norm`), as one vector in the order of `terms`.
+
+    Every ``fn(*args)`` must have the same compute dtype (float32 or wider), which is the
+    vector's.
+
+    Speed, not semantics, shapes this function:
+
+    - on CPU the plain sum of squares fuses into one read of `args` (XLA folds the element-wise
+      `fn` into the reduction), whereas a masked sum, or a `fn(*args)` held for a second use,
+      is a parameter-sized temporary written and read again. There the masked sums run only
+      when a plain one is not finite (a non-finite entry, or an overflow, where both agree),
+      and they recompute `fn` rather than keeping it. One test and one conditional serve all
+      terms, not one per term. On other backends a conditional waits for its predicate on the
+      host while a masked sum fuses into one pass, so the masked sums run always.
+      `masked_pass` forces one form (None: by platform); both give the same values.
+    - the CPU backend splits a small one-dimensional reduction into three kernels, so
+      neighbouring small terms of one shape (a model's norm scales) are stacked and summed by
+      rows, three kernels for all of them.
+    - the sums stay in one vector (no per-term scalars), so that what follows (the trust
+      ratios) is one vector computation.
+    """
+    runs = _runs(terms)
+
+    def sums(square):
+        pieces = []
+        for run in runs:
+            if len(run) == 1:
+                pieces.append(jnp.sum(square(_values(*terms[run[0]])))[None])
+            else:
+                x = jnp.stack([_values(*terms[i]) for i in run])
+                pieces.append(jnp.sum(square(x).reshape(len(run), -1), axis=1))
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+    def plain():
+        return sums(lambda x: x * x)
+
+    def masked():
+        return sums(lambda x: jnp.where(jnp.isfinite(x), x * x, 0.0))
+
+    def guarded():
+        totals = plain()
+        return jax.lax.cond(jnp.all(jnp.isfinite(totals)), lambda: totals, masked)
+
+    if masked_pass is None:
+        return jax.lax.platform_dependent(cpu=guarded, default=masked)
+    return masked() if masked_pass else guarded()
+
+
+def _safe_sqrt(squares: jax.Array) -> jax.Array:
+    """`sqrt` with a zero (not NaN) derivative at 0, so that gradients through an update
+    (meta-learning) stay finite on leaves that are zero."""
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
 def _norm_finite(
     fn: Callable[..., jax.Array], *args: jax.Array, masked_pass: bool | None = None
 ) -> jax.Array:
-    """L2 norm over the finite entries of ``fn(*args)`` (the crate's `l2_norm`), in float32.
+    """L2 norm over the finite entries of ``fn(*args)`` (the crate's `l2_norm`), in float32
+    or wider; see `_sum_squares_finite`."""
+    return _safe_sqrt(_sum_squares_finite([(fn, args)], masked_pass)[0])
 
-    Speed, not semantics, shapes this function: on CPU the plain sum of squares fuses into one
-    read of `args` (XLA folds the element-wise `fn` into the reduction), whereas a masked sum,
-    or a `fn(*args)` held for a second use, is a parameter-sized temporary written and read
-    again. There the masked sum runs only when the plain one is not finite (a non-finite entry,
-    or an overflow, where both agree), and it recomputes `fn` rather than keeping it. On
-    other backends a conditional waits for its predicate on the host (one synchronisation per
-    leaf) while the masked sum fuses into one pass, so the masked sum runs always.
-    `masked_pass` forces one form (None: by platform); both give the same value.
+
+def _trust_ratios(w_terms: list[Term], r_terms: list[Term]) -> jax.Array:
+    """``|w_i| / |r_i|`` for every pair of terms (1 where either norm is 0), as one vector.
+
+    All the scalar work of a step (the finiteness test, square roots, quotients) runs on
+    vectors: a few kernels per step instead of a few per leaf.
     """
-
-    def values():
-        x = fn(*args)
-        return x.astype(common.compute_dtype(x.dtype))
-
-    x = values()
-    total = jnp.sum(x * x)
-
-    def masked():
-        x = values()
-        return jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0.0))
-
-    def guarded():
-        return jax.lax.cond(jnp.isfinite(total), lambda: total, masked)
-
-    if masked_pass is None:
-        squares = jax.lax.platform_dependent(cpu=guarded, default=masked)
-    else:
-        squares = masked() if masked_pass else guarded()
-    # A safe square root: the same value, and a zero (not NaN) derivative at a zero norm, so
-    # that gradients through an update (meta-learning) stay finite on leaves that are zero.
-    positive = squares > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+    squares = _sum_squares_finite(w_terms + r_terms)
+    n = len(w_terms)
+    w_sq, r_sq = squares[:n], squares[n:]
+    # Both norms are positive exactly where both sums are. The inner `where`s keep the square
+    # roots' derivatives finite (meta-gradients through a leaf that is zero); the outer one
+    # around the divisor keeps XLA from rewriting `w / sqrt(r)` as `w * rsqrt(r)`, which
+    # rounds differently.
+    ok = (w_sq > 0) & (r_sq > 0)
+    w_norm = jnp.sqrt(jnp.where(ok, w_sq, 1.0))
+    r_norm = jnp.where(ok, jnp.sqrt(jnp.where(ok, r_sq, 1.0)), 1.0)
+    return jnp.where(ok, w_norm / r_norm, 1.0)
 
 
 def scale_by_lamb(
@@ -120,34 +195,48 @@ def scale_by_lamb(
         trust_on = resolve(trust_ratio_mask, params)
         decay_on = resolve(weight_decay_mask, params)
 
-        def leaf(g, m, v, p, use_trust, use_decay):
+        # Pass 1 per leaf: the moments, and the terms of the trust ratios.
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        rest = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, params, trust_on, decay_on)]
+        moments: list[Any] = [None] * len(leaves)
+        trusted: dict[Any, list[int]] = {}  # leaf indices by compute dtype
+        for i, g in enumerate(leaves):
+            if g is None:
+                continue
+            m, v, p, use_trust, use_decay = (r[i] for r in rest)
             g32, m, v = _moments.update_moments(g, m, v, b1, b2)
             ct = g32.dtype
-            p32 = p.astype(ct)
-
             scalars = (bc1, bc2, jnp.asarray(eps, ct), jnp.asarray(weight_decay, ct))
-
-            def direction(m, v, p32, scalars):
-                bc1, bc2, eps, weight_decay = scalars
-                r = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-                return r + weight_decay * p32 if use_decay else r
-
-            r = direction(m, v, p32, scalars)
+            moments[i] = (m, v, p.astype(ct), scalars, _DIRECTIONS[bool(use_decay)])
             if use_trust:
+                trusted.setdefault(ct, []).append(i)
+        ratios = {}
+        for group in trusted.values():
+            # large leaves first, then small ones by shape, so that small leaves of one shape
+            # are neighbours (their sums are taken together)
+            group.sort(key=lambda i: (leaves[i].size < _SMALL_TERM, leaves[i].shape))
+            w_terms, r_terms = [], []
+            for i in group:
+                m, v, p32, scalars, direction = moments[i]
+                w_terms.append((_identity, (p32,)))
                 # The barrier keeps the norm's copy of `direction` (and of its broadcast
                 # scalars) apart from the update's, so each fuses into its own pass over
                 # memory instead of sharing a materialised `r`.
-                w_norm = _norm_finite(lambda x: x, p32)
-                r_norm = _norm_finite(
-                    direction, *jax.lax.optimization_barrier((m, v, p32, scalars))
-                )
-                ok = (w_norm > 0) & (r_norm > 0)
-                r = r * jnp.where(ok, w_norm / jnp.where(ok, r_norm, 1.0), 1.0)
-            return r.astype(g.dtype), m, v
+                r_terms.append((direction, jax.lax.optimization_barrier((m, v, p32, scalars))))
+            vector = _trust_ratios(w_terms, r_terms)
+            ratios |= {i: vector[k] for k, i in enumerate(group)}
 
-        u, mu, nu = common.tree_map_multi(
-            leaf, 3, updates, state.mu, state.nu, params, trust_on, decay_on
-        )
+        # Pass 2 per leaf: the update, scaled by the leaf's ratio.
+        u_leaves, mu_leaves, nu_leaves = ([None] * len(leaves) for _ in range(3))
+        for i, g in enumerate(leaves):
+            if g is None:
+                continue
+            m, v, p32, scalars, direction = moments[i]
+            r = direction(m, v, p32, scalars)
+            if i in ratios:
+                r = r * ratios[i].astype(r.dtype)
+            u_leaves[i], mu_leaves[i], nu_leaves[i] = r.astype(g.dtype), m, v
+        u, mu, nu = (treedef.unflatten(x) for x in (u_leaves, mu_leaves, nu_leaves))
         return u, LambState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),
@@ -155,6 +244,20 @@ def scale_by_lamb(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _direction(m, v, p32, scalars, *, use_decay):
+    """LAMB's direction before the trust ratio: the Adam ratio plus the decay."""
+    bc1, bc2, eps, weight_decay = scalars
+    r = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+    return r + weight_decay * p32 if use_decay else r
+
+
+_DIRECTIONS = {d: functools.partial(_direction, use_decay=d) for d in (False, True)}
+
+
+def _identity(x):
+    return x
 
 
 def _tree_full(tree: Any, value: Any) -> Any:
