@@ -1,9 +1,9 @@
 """Kernels of the compiled element-wise steps, and `optax.flatten` over element-wise rules.
 
 Kernel counts are compared only where the margin does not depend on XLA's fusion details:
-LAMB's trust-ratio work runs once per step (one conditional however many leaves), and our
-steps launch no more kernels than optax's for the same rule. The step times live in
-`benchmarks/model.py`.
+LAMB's guard of its norms (one conditional per leaf on CPU, one per step in the accelerator
+form), and our steps launching no more kernels than optax's for the same rule. The step
+times live in `benchmarks/model.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 import rlx_optax
 from benchmarks import elementwise
+from rlx_optax._src.transforms import _batching
 
 
 def _tree(n_blocks: int, seed: int, scale: float) -> dict[str, jax.Array]:
@@ -35,12 +36,47 @@ def _kernels(tx, params, grads):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts the CPU program")
-def test_lamb_guards_all_leaves_with_one_conditional():
-    # The masked norms run only when a plain one is not finite; one test serves all leaves.
+@pytest.mark.parametrize("batched", [False, True])
+def test_lamb_guards_its_norms_with_one_conditional_per_group(batched):
+    # The masked norms run only when a plain one is not finite. One test guards both norms of
+    # a leaf (CPU: leaf by leaf), or every leaf at once (accelerators; forced here).
     for n_blocks in (1, 3):
         params, grads = _tree(n_blocks, 0, 0.1), _tree(n_blocks, 1, 1.0)
-        census = _kernels(rlx_optax.lamb(1e-2), params, grads)
-        assert census["by_op"].get("conditional", 0) == 1, census["by_op"]
+        with _batching.force_batching(batched):
+            census = _kernels(rlx_optax.lamb(1e-2), params, grads)
+        want = 1 if batched else len(params)
+        assert census["by_op"].get("conditional", 0) == want, census["by_op"]
+
+
+@pytest.mark.parametrize("case", ["finite", "nonfinite"])
+def test_lamb_batched_trust_ratios_equal_the_per_leaf_ones(case):
+    """The accelerator form (all leaves' ratios as one vector, small leaves summed as one
+    stack) against the CPU form (leaf by leaf), with masks, a zero leaf and, in one case,
+    non-finite gradient entries (the masked norms)."""
+    params, grads = _tree(2, 0, 0.1), _tree(2, 1, 1.0)
+    params["0/n2"] = jnp.zeros_like(params["0/n2"])
+    if case == "nonfinite":
+        grads["1/w"] = grads["1/w"].at[3, 4].set(jnp.nan)
+        grads["0/n1"] = grads["0/n1"].at[7].set(jnp.inf)
+    trust = {k: not k.endswith("n2") or k.startswith("0") for k in params}
+    decay = {k: not k.endswith("n1") for k in params}
+
+    def run(batched):
+        with _batching.force_batching(batched):
+            tx = rlx_optax.lamb(1e-2, weight_decay=0.1, mask=decay, trust_ratio_mask=trust)
+            step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+            state, out = tx.init(params), []
+            for _ in range(3):
+                u, state = step(grads, state, params)
+                out.append(u)
+        return out
+
+    for a, b in zip(run(False), run(True), strict=True):
+        for k in params:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=0, equal_nan=True, err_msg=k)
+    if case == "nonfinite":  # the norms skipped the non-finite entries: the rest is finite
+        u = run(False)[0]
+        assert np.isfinite(np.delete(np.asarray(u["1/w"]).ravel(), 3 * 96 + 4)).all()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts the CPU program")

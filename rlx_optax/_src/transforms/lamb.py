@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
-from rlx_optax._src.transforms import _moments
+from rlx_optax._src.transforms import _batching, _moments
 
 
 class LambState(NamedTuple):
@@ -23,7 +23,7 @@ class LambState(NamedTuple):
 
 
 #: Terms with fewer entries than this are summed together with their neighbours of the same
-#: shape (see `_sum_squares_finite`).
+#: shape (see `_sums_of_squares`).
 _SMALL_TERM = 4096
 
 Term = tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]
@@ -51,28 +51,26 @@ def _runs(terms: list[Term]) -> list[list[int]]:
     return runs
 
 
-def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> jax.Array:
+def _sums_of_squares(terms: list[Term], masked_pass: bool | None = None) -> list[jax.Array]:
     """The sums of squares over the finite entries of each ``fn(*args)`` of `terms` (the
-    squares of the crate's `l2_norm`), as one vector in the order of `terms`.
+    squares of the crate's `l2_norm`): one vector per run of `_runs`, in the order of `terms`.
 
-    Every ``fn(*args)`` must have the same compute dtype (float32 or wider), which is the
-    vector's.
+    Every ``fn(*args)`` must have the same compute dtype (float32 or wider), the sums'.
 
     Speed, not semantics, shapes this function:
 
     - on CPU the plain sum of squares fuses into one read of `args` (XLA folds the element-wise
       `fn` into the reduction), whereas a masked sum, or a `fn(*args)` held for a second use,
       is a parameter-sized temporary written and read again. There the masked sums run only
-      when a plain one is not finite (a non-finite entry, or an overflow, where both agree),
-      and they recompute `fn` rather than keeping it. One test and one conditional serve all
-      terms, not one per term. On other backends a conditional waits for its predicate on the
-      host while a masked sum fuses into one pass, so the masked sums run always.
-      `masked_pass` forces one form (None: by platform); both give the same values.
+      when the plain ones are not all finite (a non-finite entry, or an overflow, where both
+      agree; also when their total overflows, which changes nothing), and they recompute `fn`
+      rather than keeping it; one test and one conditional serve all `terms`. On other
+      backends a conditional waits for its predicate on the host while a masked sum fuses
+      into one pass, so the masked sums run always. `masked_pass` forces one form (None: by
+      platform); both give the same values.
     - the CPU backend splits a small one-dimensional reduction into three kernels, so
       neighbouring small terms of one shape (a model's norm scales) are stacked and summed by
-      rows, three kernels for all of them.
-    - the sums stay in one vector (no per-term scalars), so that what follows (the trust
-      ratios) is one vector computation.
+      rows: three kernels for all of them.
     """
     runs = _runs(terms)
 
@@ -84,7 +82,7 @@ def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> j
             else:
                 x = jnp.stack([_values(*terms[i]) for i in run])
                 pieces.append(jnp.sum(square(x).reshape(len(run), -1), axis=1))
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        return pieces
 
     def plain():
         return sums(lambda x: x * x)
@@ -94,11 +92,20 @@ def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> j
 
     def guarded():
         totals = plain()
-        return jax.lax.cond(jnp.all(jnp.isfinite(totals)), lambda: totals, masked)
+        # Sums of squares are >= 0: their total is finite exactly when all of them are (or
+        # it overflows, and the masked pass gives the same values).
+        finite = jnp.isfinite(sum(jnp.sum(t) for t in totals))
+        return jax.lax.cond(finite, lambda: totals, masked)
 
     if masked_pass is None:
         return jax.lax.platform_dependent(cpu=guarded, default=masked)
     return masked() if masked_pass else guarded()
+
+
+def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> jax.Array:
+    """`_sums_of_squares` as one vector in the order of `terms`."""
+    pieces = _sums_of_squares(terms, masked_pass)
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def _safe_sqrt(squares: jax.Array) -> jax.Array:
@@ -119,12 +126,16 @@ def _norm_finite(
 def _trust_ratios(w_terms: list[Term], r_terms: list[Term]) -> jax.Array:
     """``|w_i| / |r_i|`` for every pair of terms (1 where either norm is 0), as one vector.
 
-    All the scalar work of a step (the finiteness test, square roots, quotients) runs on
-    vectors: a few kernels per step instead of a few per leaf.
+    The scalar work of all pairs (finiteness test, square roots, quotients) runs on vectors:
+    a few kernels for all of them.
     """
-    squares = _sum_squares_finite(w_terms + r_terms)
     n = len(w_terms)
-    w_sq, r_sq = squares[:n], squares[n:]
+    pieces = _sums_of_squares(w_terms + r_terms)
+    if n == 1:  # two scalars: no concatenation
+        w_sq, r_sq = pieces
+    else:
+        squares = jnp.concatenate(pieces)
+        w_sq, r_sq = squares[:n], squares[n:]
     # Both norms are positive exactly where both sums are. The inner `where`s keep the square
     # roots' derivatives finite (meta-gradients through a leaf that is zero); the outer one
     # around the divisor keeps XLA from rewriting `w / sqrt(r)` as `w * rsqrt(r)`, which
@@ -199,7 +210,12 @@ def scale_by_lamb(
         leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         rest = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, params, trust_on, decay_on)]
         moments: list[Any] = [None] * len(leaves)
-        trusted: dict[Any, list[int]] = {}  # leaf indices by compute dtype
+        # The trust ratios of the leaves of one dtype are computed together on accelerators
+        # (one vector computation per step, small leaves' norms summed as one stack); on the
+        # CPU leaf by leaf, where each leaf's update then follows its own norms while its
+        # moments are still in cache (all leaves together measured 1.14x slower there).
+        batched = _batching.batching_enabled()
+        trusted: dict[Any, list[int]] = {}  # leaf indices by group
         for i, g in enumerate(leaves):
             if g is None:
                 continue
@@ -209,7 +225,7 @@ def scale_by_lamb(
             scalars = (bc1, bc2, jnp.asarray(eps, ct), jnp.asarray(weight_decay, ct))
             moments[i] = (m, v, p.astype(ct), scalars, _DIRECTIONS[bool(use_decay)])
             if use_trust:
-                trusted.setdefault(ct, []).append(i)
+                trusted.setdefault(ct if batched else i, []).append(i)
         ratios = {}
         for group in trusted.values():
             # large leaves first, then small ones by shape, so that small leaves of one shape
