@@ -212,7 +212,8 @@ def scale_by_soap(
     Leaves that are not matrices (by default every rank but 2) take the same Adam step in
     their own coordinates. The eigenbases come from ``eigh`` in float32 sorted by decreasing
     eigenvalue (the crate runs unsorted Jacobi sweeps; with moments not re-projected the order
-    only matters after a refresh). Periodic work runs under `jax.lax.cond`.
+    only matters after a refresh). Periodic work runs under `jax.lax.cond`. Same-shaped
+    matrices run as one batched computation on accelerators (leaf by leaf on a CPU).
 
     State size per parameter: a matrix (m, n) keeps 2 moments plus :math:`2(m^2+n^2)/(mn)`
     floats of statistics and bases (float32; float64 for float64 parameters): 6 for a square
