@@ -28,9 +28,14 @@ def test_lamb_finite_norm_forms(masked_pass, case):
         x[:] = 0
     finite = np.isfinite(x)
     want = np.sqrt(np.sum(np.where(finite, x.astype(np.float64), 0.0) ** 2))
-    got = float(lamb._norm_finite(lambda a: 2.0 * a, jnp.asarray(x), masked_pass=masked_pass))
+    # the sums of squares over finite entries, as the trust ratios read them (one term, and
+    # the same term twice: a stacked run)
+    term = (lambda a: 2.0 * a, (jnp.asarray(x),))
+    (one,) = lamb._sums_of_squares([term], masked_pass)
+    (stacked,) = lamb._sums_of_squares([term, term], masked_pass)
     want = 2.0 * want
-    if case == "overflow":
-        assert got == np.inf
-    else:
-        assert got == pytest.approx(want, rel=1e-6)
+    for got in [float(jnp.sqrt(one[0]))] + [float(v) for v in jnp.sqrt(stacked)]:
+        if case == "overflow":
+            assert got == np.inf
+        else:
+            assert got == pytest.approx(want, rel=1e-6)

@@ -102,27 +102,6 @@ def _sums_of_squares(terms: list[Term], masked_pass: bool | None = None) -> list
     return masked() if masked_pass else guarded()
 
 
-def _sum_squares_finite(terms: list[Term], masked_pass: bool | None = None) -> jax.Array:
-    """`_sums_of_squares` as one vector in the order of `terms`."""
-    pieces = _sums_of_squares(terms, masked_pass)
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
-
-
-def _safe_sqrt(squares: jax.Array) -> jax.Array:
-    """`sqrt` with a zero (not NaN) derivative at 0, so that gradients through an update
-    (meta-learning) stay finite on leaves that are zero."""
-    positive = squares > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
-
-
-def _norm_finite(
-    fn: Callable[..., jax.Array], *args: jax.Array, masked_pass: bool | None = None
-) -> jax.Array:
-    """L2 norm over the finite entries of ``fn(*args)`` (the crate's `l2_norm`), in float32
-    or wider; see `_sums_of_squares`."""
-    return _safe_sqrt(_sum_squares_finite([(fn, args)], masked_pass)[0])
-
-
 def _trust_ratios(w_terms: list[Term], r_terms: list[Term]) -> jax.Array:
     """``|w_i| / |r_i|`` for every pair of terms (1 where either norm is 0), as one vector.
 
