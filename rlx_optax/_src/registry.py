@@ -448,6 +448,46 @@ _BY_NAME = {a.name: a for a in ALGORITHMS}
 _BY_CRATE = {a.crate_name: a for a in ALGORITHMS}
 
 
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """One way users run an algorithm: its defaults, or a preset.
+
+    Attributes:
+      label: ``"<name>"`` for the defaults, ``"<name>/<preset>"`` for a preset.
+      algorithm: the row's factory name.
+      kwargs: factory arguments besides the learning rate.
+    """
+
+    label: str
+    algorithm: str
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def row(self) -> Algorithm:
+        return get(self.algorithm)
+
+    def make(self, learning_rate: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        """The transform at `learning_rate` (further arguments override the preset's)."""
+        return self.row.factory(learning_rate, **{**self.kwargs, **kwargs})
+
+
+#: The presets that switch a family to its authors' reference behaviour (or to the variant
+#: users run), each a configuration of its own in the tests and benchmarks.
+PRESETS: tuple[Configuration, ...] = (
+    Configuration("radam/reference", "radam", _frozen({"behaviour": "reference"})),
+    Configuration("adafactor/reference", "adafactor", _frozen({"behaviour": "reference"})),
+    Configuration("muon/reference", "muon", _frozen({"behaviour": "reference"})),
+    Configuration("mars/shampoo", "mars", _frozen({"variant": "shampoo"})),
+    Configuration("soap/reference", "soap", _frozen({"behaviour": "reference"})),
+    Configuration("kron_psgd/reference", "kron_psgd", _frozen({"behaviour": "reference"})),
+)
+
+
+def configurations() -> tuple[Configuration, ...]:
+    """Every algorithm with its defaults, then every preset (21 in all)."""
+    return tuple(Configuration(a.name, a.name) for a in ALGORITHMS) + PRESETS
+
+
 def get(name: str) -> Algorithm:
     """The row for a factory name (``"adamw"``) or a crate struct name (``"kronpsgd"``)."""
     row = _BY_NAME.get(name) or _BY_CRATE.get(name)
