@@ -142,7 +142,7 @@ def test_identity_basis_equals_adam():
     params = {"w": jnp.zeros((5, 5))}
     soap_u, state = _updates_of(rlx_optax.scale_by_soap(0.9, 0.99, precond_freq=1000), seq, params)
     adam_u, _ = _updates_of(rlx_optax.scale_by_adam(0.9, 0.99, 1e-8), seq, params)
-    basis = np.abs(np.asarray(state.bases["w"][0]))
+    basis = np.abs(np.asarray(state.bases[0]["w"]))
     np.testing.assert_array_equal(np.sort(basis, axis=0)[-1], np.ones(5))  # a permutation
     for a, b in zip(soap_u, adam_u, strict=True):
         np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-6)
@@ -180,9 +180,10 @@ def test_state_layout_and_dtypes():
     tx = rlx_optax.scale_by_soap(max_precond_dim=12, precondition_nd=True, merge_dims=True)
     state = tx.init(params)
     # (4, 30): the 30-long axis is passed through; conv (3, 3, 4, 8) merges to (9, 4, 8)
-    assert [None if q is None else q.shape for q in state.bases["w"]] == [(4, 4), None]
-    assert [q.shape for q in state.bases["conv"]] == [(9, 9), (4, 4), (8, 8)]
-    assert state.bases["b"] == (None,) and state.mu["conv"].shape == (9, 4, 8)
+    # one tree per axis of the working shapes (None: passed through, or no such axis)
+    assert [None if t["w"] is None else t["w"].shape for t in state.bases] == [(4, 4), None, None]
+    assert [t["conv"].shape for t in state.bases] == [(9, 9), (4, 4), (8, 8)]
+    assert [t["b"] for t in state.bases] == [None] * 3 and state.mu["conv"].shape == (9, 4, 8)
     assert {x.dtype for x in jax.tree.leaves((state.stats, state.bases))} == {jnp.dtype("float32")}
     g = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
     u, state2 = jax.jit(tx.update)(g, state, params)
@@ -218,11 +219,11 @@ def test_statistics_are_the_plain_ema_for_ordinary_gradients_and_finite_for_huge
         _, state = tx.update({"w": g}, state)
         gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
         left = np.float32(0.9) * left + (1 - np.float32(0.9)) * np.asarray(gram)
-        np.testing.assert_array_equal(state.stats["w"][0], left, err_msg=f"step {i}")
+        np.testing.assert_array_equal(state.stats[0]["w"], left, err_msg=f"step {i}")
     g = jnp.asarray(1e30 * np.sign(rng.normal(size=(5, 3))), jnp.float32)
     u, huge = tx.update({"w": g}, state)
-    stat = np.asarray(huge.stats["w"][0], np.float64)
-    assert np.all(np.isfinite(stat)) and np.all(np.isfinite(np.asarray(huge.bases["w"][0])))
+    stat = np.asarray(huge.stats[0]["w"], np.float64)
+    assert np.all(np.isfinite(stat)) and np.all(np.isfinite(np.asarray(huge.bases[0]["w"])))
     assert np.all(np.isfinite(np.asarray(u["w"])))
     exact = 0.9 * np.asarray(left, np.float64) + 0.1 * (
         np.asarray(g, np.float64) @ np.asarray(g, np.float64).T

@@ -10,14 +10,18 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching
+from rlx_optax._src.transforms import _batching, _per_axis
 
 
 class KronPsgdState(NamedTuple):
     """State of `scale_by_kron_psgd`.
 
-    `factors` holds, per leaf, a tuple with one entry per axis: an upper-triangular float32
-    (d, d) matrix, a float32 (d,) diagonal, or None (the leaf is passed through).
+    `factors` is a tuple with one pytree per axis: the k-th tree holds, at each parameter's
+    place, the factor of the leaf's axis k (an upper-triangular float32 (d, d) matrix or a
+    float32 (d,) diagonal), or None where the leaf is passed through or has fewer axes. For a
+    matrix ``w``: ``factors[0]["w"]`` is the left factor, ``factors[1]["w"]`` the right one.
+    (One tree per axis, not a tuple per leaf, so that every parameter-shaped place of the
+    state holds an array, as `flax.nnx.Optimizer` and orbax restore it.)
     """
 
     count: jax.Array  # int32, number of `update` calls so far
@@ -270,7 +274,7 @@ def scale_by_kron_psgd(
             count=jnp.zeros([], jnp.int32),
             key=key if probe == "random" else None,
             update_counter=jnp.zeros([], jnp.int32),
-            factors=common.tree_map_none(init_leaf, params),
+            factors=_per_axis.by_axis(common.tree_map_none(init_leaf, params), params),
         )
 
     def update_fn(updates, state, params=None):
@@ -287,9 +291,8 @@ def scale_by_kron_psgd(
             leaf_keys = list(jax.random.split(sub, max(n_leaves, 1)))
 
         def leaf(g, factors, probe_key):
-            if factors is None:
+            if factors is None or all(q is None for q in factors):
                 return g, None
-            factors = common.as_tuple(factors)
             ct = common.compute_dtype(g.dtype)
             g32 = g.astype(ct)
             if probe == "random":
@@ -322,17 +325,18 @@ def scale_by_kron_psgd(
 
         # the i-th preconditioned leaf (in flattening order) probes with the i-th key
         flat_u, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-        flat_f = treedef.flatten_up_to(state.factors)
+        per_leaf_factors = _per_axis.by_leaf(state.factors, updates)
+        flat_f = treedef.flatten_up_to(per_leaf_factors)
         probe_keys, used = [], 0
         for g, f in zip(flat_u, flat_f, strict=True):
-            take = leaf_keys is not None and g is not None and f is not None
+            take = leaf_keys is not None and g is not None and any(q is not None for q in f)
             probe_keys.append(leaf_keys[used] if take else None)
             used += take
         # Same-shaped leaves run as one batched computation (`grouped_map`).
         u, factors = _batching.grouped_map(
-            leaf, 2, updates, state.factors, treedef.unflatten(probe_keys)
+            leaf, 2, updates, per_leaf_factors, treedef.unflatten(probe_keys)
         )
-        return u, KronPsgdState(count, new_key, counter, factors)
+        return u, KronPsgdState(count, new_key, counter, _per_axis.by_axis(factors, updates))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

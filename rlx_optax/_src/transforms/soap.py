@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching
+from rlx_optax._src.transforms import _batching, _per_axis
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -57,9 +57,12 @@ def _resolve(behaviour: str, **given: Any) -> dict:
 class SoapState(NamedTuple):
     """State of `scale_by_soap`.
 
-    `stats` and `bases` hold, per leaf, a tuple with one entry per axis of the leaf's working
-    shape: a (d, d) matrix for a preconditioned axis (float32, float64 for float64 parameters),
-    None for an axis passed through.
+    `stats` and `bases` are tuples with one pytree per axis: the k-th tree holds, at each
+    parameter's place, the (d, d) matrix of axis k of the leaf's working shape (float32, float64
+    for float64 parameters), or None where that axis is passed through or the leaf has fewer
+    axes. For a matrix ``w``: ``stats[0]["w"]`` is L, ``stats[1]["w"]`` is R, ``bases[0]["w"]``
+    is Q_L. (One tree per axis, not a tuple per leaf, so that every parameter-shaped place of
+    the state holds an array, as `flax.nnx.Optimizer` and orbax restore it.)
     """
 
     count: jax.Array  # int32, number of `update` calls so far
@@ -323,8 +326,16 @@ def scale_by_soap(
             common.refuse_huge_factors(
                 params, "soap", _rotated_dims, "max_precond_dim", (10000, "not rotated")
             )
-        parts = [common.tree_map_none(lambda p, k=k: init_leaf(p)[k], params) for k in range(4)]
-        return SoapState(jnp.zeros([], jnp.int32), *parts)
+        mu, nu, stats, bases = (
+            common.tree_map_none(lambda p, k=k: init_leaf(p)[k], params) for k in range(4)
+        )
+        return SoapState(
+            jnp.zeros([], jnp.int32),
+            mu,
+            nu,
+            _per_axis.by_axis(stats, params),
+            _per_axis.by_axis(bases, params),
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -336,7 +347,6 @@ def scale_by_soap(
         bc2 = common.bias_correction(beta2, t)
 
         def leaf(g, mw, vw, stats, bases):
-            stats, bases = common.as_tuple(stats), common.as_tuple(bases)
             active = tuple(s is not None for s in stats)
             ct = common.compute_dtype(g.dtype)
             b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
@@ -383,15 +393,18 @@ def scale_by_soap(
             return u.reshape(g.shape).astype(g.dtype), m_new, v_new, stats, bases
 
         # Same-shaped leaves run as one batched computation (`grouped_map`).
+        # one tuple per leaf (an entry per axis of its working shape, `state.mu`'s rank)
+        per_leaf_stats = _per_axis.by_leaf(state.stats, state.mu)
+        per_leaf_bases = _per_axis.by_leaf(state.bases, state.mu)
         u, mu, nu, stats, bases = _batching.grouped_map(
-            leaf, 5, updates, state.mu, state.nu, state.stats, state.bases
+            leaf, 5, updates, state.mu, state.nu, per_leaf_stats, per_leaf_bases
         )
         return u, SoapState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),
             nu=optax.tree.cast_like(nu, state.nu),
-            stats=stats,
-            bases=bases,
+            stats=_per_axis.by_axis(stats, updates),
+            bases=_per_axis.by_axis(bases, updates),
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
