@@ -37,6 +37,40 @@ def _coefficient_table(coeffs: Any) -> np.ndarray:
     return table
 
 
+def _dot(a, b, contracting, precision, acc, out_sharding):
+    """`a . b` over the `contracting` axes, accumulated in `acc`.
+
+    Operands below float32 (a bf16 iteration) take the native reduced-precision product,
+    except on the CPU backend: XLA:CPU's generic dot kernel has no bf16 x bf16 -> f32 product
+    (``Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32``), and which dots
+    reach that kernel depends on fusion (a transposed operand folded into the dot, as when the
+    gradient of a tall matrix is produced in the same jit, does). There the operands, already
+    rounded to bf16, are widened to float32 and multiplied in float32: every product of two
+    bf16 numbers is exact in float32 and the sum accumulates in float32, which is what the
+    native product computes, up to the order of the float32 summation.
+    """
+
+    def product(x, y, precision):
+        return jax.lax.dot_general(
+            x,
+            y,
+            (contracting, ((), ())),
+            precision=precision,
+            preferred_element_type=acc,
+            out_sharding=out_sharding,
+        )
+
+    if jnp.dtype(a.dtype) == jnp.dtype(acc) and jnp.dtype(b.dtype) == jnp.dtype(acc):
+        return product(a, b, precision)
+
+    def widened(x, y):
+        return product(x.astype(acc), y.astype(acc), jax.lax.Precision.HIGHEST)
+
+    return jax.lax.platform_dependent(
+        a, b, cpu=widened, default=lambda x, y: product(x, y, precision)
+    )
+
+
 def newton_schulz(
     x: jax.Array,
     steps: int | jax.Array | None = None,
@@ -85,8 +119,19 @@ def newton_schulz(
         skips the :math:`A^2` product.
       eps: floor of the Frobenius norm.
       ns_dtype: dtype of the iteration (default: float32, or the input dtype if wider), the
-        same name as `muon`'s argument. ``jnp.bfloat16`` follows the reference's bf16 cast
-        (on CPU it is slower).
+        same name as `muon`'s argument. ``jnp.bfloat16`` follows the reference's bf16 cast:
+        the products accumulate in float32 and each fused step (:math:`A`,
+        :math:`bA + cA^2`, :math:`aX + BX`) and the normalised input are rounded to bf16
+        once, explicitly (`lax.reduce_precision`), so an eager call, a jitted update and a
+        whole jitted train step give the same numbers (XLA would otherwise be free to skip a
+        float32 -> bf16 -> float32 round trip inside a jit). On GPU and TPU the products are
+        the native bf16 x bf16 -> float32 pass. On the CPU backend, whose generic dot kernel
+        has no bf16 x bf16 -> float32 product (a jitted step that also computes the gradient
+        of a tall matrix reached it: ``Unsupported element type for DotThunk::Execute``),
+        the bf16 operands are widened to float32 and multiplied at ``HIGHEST``: the product
+        of two bf16 numbers is exact in float32 and the sums accumulate in float32, so the
+        result is the native one up to the order of the float32 summation (chosen at
+        lowering with `jax.lax.platform_dependent`).
       compute_dtype: deprecated name of `ns_dtype`.
       precision: precision of the matrix products (a `jax.lax.Precision`, its name, or a
         `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration, so the
@@ -135,51 +180,47 @@ def newton_schulz(
     ct = ns_dtype or jnp.promote_types(x.dtype, jnp.float32)
     precision = resolve_precision(precision, ct)
     transposed = x.shape[0] > x.shape[1]
-    X = (x.T if transposed else x).astype(ct)
+    # Below float32 (bf16) the products accumulate in float32 and each fused step is rounded
+    # once, as torch.optim.Muon's `addmm` iteration: A, B = bA + cA^2 and aX + BX. The
+    # roundings are explicit (`lax.reduce_precision`): XLA may otherwise drop a
+    # float32 -> bf16 -> float32 round trip inside a jit (excess precision), and a jitted step
+    # would give other numbers than an eager call.
+    acc = jnp.float32 if jnp.finfo(ct).bits < 32 else ct
+    narrow = jnp.dtype(acc) != jnp.dtype(ct)
+
+    def rounded(v):  # v rounded to ct, explicitly when ct is narrower than v
+        if narrow and jnp.finfo(v.dtype).bits > jnp.finfo(ct).bits:
+            fi = jnp.finfo(ct)
+            v = jax.lax.reduce_precision(v, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+        return v.astype(ct)
+
+    X = rounded(x.T if transposed else x)
     # Under explicit sharding the Gram matrix (min(m, n) square) is made replicated, one
     # all-reduce of partial sums, and `B @ X` keeps the layout of X: no gather of X is needed
     # when its long dimension is sharded (optax.contrib.muon raises ShardingTypeError there).
     gram_sharding, x_sharding = explicit_shardings(X)
 
-    # Below float32 (bf16) the products accumulate in float32 and each fused step is rounded
-    # once, as torch.optim.Muon's `addmm` iteration: A, B = bA + cA^2 and aX + BX.
-    acc = jnp.float32 if jnp.finfo(ct).bits < 32 else ct
-
     def gram(a):  # a @ a.T without materialising the transpose
-        return jax.lax.dot_general(
-            a,
-            a,
-            (((1,), (1,)), ((), ())),
-            precision=precision,
-            preferred_element_type=acc,
-            out_sharding=gram_sharding,
-        )
+        return _dot(a, a, ((1,), (1,)), precision, acc, gram_sharding)
 
     def matmul(a, b, out_sharding):
-        return jax.lax.dot_general(
-            a,
-            b,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=acc,
-            out_sharding=out_sharding,
-        )
+        return _dot(a, b, ((1,), (0,)), precision, acc, out_sharding)
 
     norm = jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.promote_types(ct, jnp.float32)))))
-    X = X / jnp.maximum(norm, eps).astype(ct)
+    X = rounded(X.astype(acc) / rounded(jnp.maximum(norm, eps)).astype(acc))
 
     def iteration(X, a, b, c):
-        A = gram(X).astype(ct)
+        A = rounded(gram(X))
         A_acc = A.astype(acc)
         B = b * A_acc if cubic_only else b * A_acc + c * matmul(A, A, gram_sharding)
-        return (a * X.astype(acc) + matmul(B.astype(ct), X, x_sharding)).astype(ct)
+        return rounded(a * X.astype(acc) + matmul(rounded(B), X, x_sharding))
 
     if static_steps is not None:
         for k in range(static_steps):
             a, b, c = (float(v) for v in table[min(k, table.shape[0] - 1)])
             X = iteration(X, a, b, c)
     else:
-        rows = jnp.asarray(table, ct)
+        rows = jnp.asarray(table, acc)  # the coefficients are not rounded to a bf16 ct
 
         def body(k, X):
             a, b, c = rows[jnp.minimum(k, rows.shape[0] - 1)]
