@@ -19,7 +19,7 @@ def test_sophia_refuses_a_misspelled_hessian_keyword(keyword):
     tx = rlx_optax.sophia(0.1)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
-    with pytest.raises(ValueError, match=f"'{keyword}'.*hessian_diag="):
+    with pytest.raises(TypeError, match=f"'{keyword}'.*hessian_diag="):
         tx.update(params, state, params, **{keyword: params})
 
 

@@ -61,12 +61,15 @@ def scale_by_moments(
     """
     common.check_beta("b1", b1)
     common.check_beta("b2", b2)
+    name = state_cls.__name__.removesuffix("State").lower()
 
     def init_fn(params):
+        common.check_params(params, name)
         return init_moments(state_cls, params, mu_dtype)
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state(name, state, state_cls, updates, ("mu", "nu"))
         count = optax.safe_increment(state.count)
         ctx = MomentContext(
             count=count,

@@ -208,6 +208,14 @@ def scale_by_adafactor(
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state(
+            "adafactor",
+            state,
+            AdafactorState,
+            updates,
+            ("v_row", "v_col", "v", "mu"),
+            leaf_check=_held_shape,
+        )
         count = optax.safe_increment(state.count)
 
         def leaf(g, v_row, v_col, v, m=None):
@@ -251,6 +259,24 @@ def scale_by_adafactor(
         return u, AdafactorState(count, v_row, v_col, v, mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _held_shape(shape, v_row, v_col, v, m=None) -> str | None:
+    """What the state holds at a gradient leaf of `shape`, when it disagrees with it (see
+    `AdafactorState`: the full `v`, or the factors `v_row`/`v_col`)."""
+    if m is not None and tuple(m.shape) != shape:
+        return f"the state's 'mu' of shape {tuple(m.shape)}"
+    if tuple(v.shape) == shape:
+        return None
+    if len(shape) >= 2 and v_row.shape == shape[:-1] and v_col.shape == shape[:-2] + shape[-1:]:
+        return None
+    if tuple(v.shape) != (1,):
+        return f"the state's 'v' of shape {tuple(v.shape)}"
+    implied = tuple(v_row.shape) + tuple(v_col.shape[-1:])
+    return (
+        f"the state's factored statistics of a {implied} leaf ('v_row' {tuple(v_row.shape)}, "
+        f"'v_col' {tuple(v_col.shape)})"
+    )
 
 
 class ScaleByStepSizeState(NamedTuple):
@@ -327,6 +353,9 @@ def scale_by_adafactor_step_size(
         return (-step * u).astype(u.dtype)
 
     def update_fn(updates, state, params=None):
+        state = common.check_state(
+            "adafactor step size", state, ScaleByStepSizeState, updates, ("mu",)
+        )
         count = optax.safe_increment(state.step_count)
         updates, inner = scaled(updates, state, count, params)
         if momentum is None:
@@ -491,5 +520,6 @@ def adafactor(
     )
     if after:
         common.check_non_negative("weight_decay", weight_decay)
-        return optax.chain(direction, step_size)
-    return optax.chain(direction, common.add_decayed_weights(weight_decay, mask), step_size)
+        return common.chain("adafactor", direction, step_size)
+    decay = common.add_decayed_weights(weight_decay, mask)
+    return common.chain("adafactor", direction, decay, step_size)

@@ -103,6 +103,7 @@ def adam(
         weight_decay,
         mask,
         decay="l2",
+        name="adam",
     )
 
 
@@ -153,5 +154,9 @@ def adamw(
       https://arxiv.org/abs/1711.05101
     """
     return common.alias(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype), learning_rate, weight_decay, mask
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+        learning_rate,
+        weight_decay,
+        mask,
+        name="adamw",
     )

@@ -238,6 +238,8 @@ def scale_by_kron_psgd(
     if factor_update == "crate" and precondition_nd:
         raise ValueError("precondition_nd needs factor_update='reference' (the crate is 2-D)")
     linalg.check_precision("precision", precision)
+    if factor_update == "crate" and probe == "gradient":
+        common.warn_once("kron_psgd/static-preconditioner", common.KRON_CRATE_WARNING)
     crate = factor_update == "crate"
     if precision is not None:
         factor_precision = apply_precision = linalg.resolve_precision(precision, jnp.float32)
@@ -279,6 +281,14 @@ def scale_by_kron_psgd(
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state(
+            "kron_psgd",
+            state,
+            KronPsgdState,
+            updates,
+            per_axis=("factors",),
+            leaf_check=common.factors_disagree,
+        )
         count = optax.safe_increment(state.count)
         prob = update_probability(count) if callable(update_probability) else update_probability
         counter = optax.safe_increment(state.update_counter)
@@ -509,5 +519,6 @@ def kron_psgd(
     lr = optax.scale_by_learning_rate(learning_rate)
     if opts["momentum_before"]:
         ema = optax.ema(momentum, debias=True, accumulator_dtype=mu_dtype)
-        return optax.chain(ema, precond, decay, lr)
-    return optax.chain(precond, decay, optax.trace(momentum, accumulator_dtype=mu_dtype), lr)
+        return common.chain("kron_psgd", ema, precond, decay, lr)
+    trace = optax.trace(momentum, accumulator_dtype=mu_dtype)
+    return common.chain("kron_psgd", precond, decay, trace, lr)

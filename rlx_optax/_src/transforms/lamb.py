@@ -176,6 +176,7 @@ def scale_by_lamb(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("lamb needs params: call update(grads, state, params)")
+        state = common.check_state("lamb", state, LambState, updates, ("mu", "nu"))
         count = optax.safe_increment(state.count)
         if bias_correction:
             bc1 = common.bias_correction(b1, count)
@@ -305,7 +306,8 @@ def lamb(
       https://arxiv.org/abs/1904.00962
     """
     common.check_learning_rate(learning_rate)
-    return optax.chain(
+    return common.chain(
+        "lamb",
         scale_by_lamb(b1, b2, eps, weight_decay, bias_correction, trust_ratio_mask, mask, mu_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -49,12 +49,14 @@ def scale_by_lion(
     from_new_moment = all(common._concrete_float(b) is not None for b in (b1, b2)) and b2 > 0
 
     def init_fn(params):
+        common.check_params(params, "lion")
         return LionState(
             count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
         )
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state("lion", state, LionState, updates, ("mu",))
 
         def leaf(g, m):
             ct = common.compute_dtype(g.dtype)
@@ -121,4 +123,6 @@ def lion(
       Chen et al., *Symbolic Discovery of Optimization Algorithms*,
       https://arxiv.org/abs/2302.06675
     """
-    return common.alias(scale_by_lion(b1, b2, mu_dtype), learning_rate, weight_decay, mask)
+    return common.alias(
+        scale_by_lion(b1, b2, mu_dtype), learning_rate, weight_decay, mask, name="lion"
+    )

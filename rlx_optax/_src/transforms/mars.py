@@ -218,6 +218,7 @@ def scale_by_mars(
 
     def update_fn(updates, state, params=None, *, previous_grads=None, **_):
         del params
+        state = common.check_state("mars", state, MarsState, updates, ("mu", "nu", "prev_grad"))
         if exact:
             if previous_grads is None:
                 raise ValueError(
@@ -255,6 +256,8 @@ def scale_by_mars(
                 m = beta1 * m.astype(ct) + (1 - beta1) * c
                 if variant == "lion":
                     u = jnp.sign(m)
+                elif g.size == 0:  # an empty matrix: nothing to orthogonalise, a zero update
+                    u = jnp.zeros_like(m)
                 else:
                     rows, cols = g.shape
                     u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs, precision=precision)
@@ -390,4 +393,5 @@ def mars(
         learning_rate,
         weight_decay,
         mask,
+        name="mars",
     )

@@ -183,6 +183,7 @@ def scale_by_muon(
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state("muon", state, MuonState, updates, ("mu",))
         d, mu = common.tree_map_multi(momentum_leaf, 2, updates, state.mu)
 
         def view_of(x):

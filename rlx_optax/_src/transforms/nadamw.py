@@ -109,5 +109,9 @@ def nadamw(
       https://arxiv.org/abs/2306.07179
     """
     return common.alias(
-        scale_by_nadamw(b1, b2, eps, variant, mu_dtype), learning_rate, weight_decay, mask
+        scale_by_nadamw(b1, b2, eps, variant, mu_dtype),
+        learning_rate,
+        weight_decay,
+        mask,
+        name="nadamw",
     )

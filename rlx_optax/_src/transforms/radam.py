@@ -129,6 +129,7 @@ def add_decayed_weights_when_stepping(
         return DecayWhenSteppingState(jnp.zeros([], jnp.int32), inner.init(params))
 
     def update_fn(updates, state, params=None):
+        state = common.check_state("radam decay", state, DecayWhenSteppingState, updates)
         count = optax.safe_increment(state.count)
         zeros = common.tree_map_none(jnp.zeros_like, updates)
         decay, inner_state = inner.update(zeros, state.inner, params)
@@ -293,9 +294,9 @@ def radam(
         eps_placement=opts["eps_placement"],
     )
     if opts["decay"] == "l2":
-        return common.alias(scale, learning_rate, weight_decay, mask, decay="l2")
+        return common.alias(scale, learning_rate, weight_decay, mask, decay="l2", name="radam")
     common.check_learning_rate(learning_rate)
     decayed = add_decayed_weights_when_stepping(
         weight_decay, mask, b2, opts["threshold"], opts["degenerate_to_sgd"]
     )
-    return optax.chain(scale, decayed, optax.scale_by_learning_rate(learning_rate))
+    return common.chain("radam", scale, decayed, optax.scale_by_learning_rate(learning_rate))

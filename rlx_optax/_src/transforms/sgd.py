@@ -43,11 +43,13 @@ def scale_by_sgd(
     use_trace = not common._is_zero(momentum)
 
     def init_fn(params):
+        common.check_params(params, "sgd")
         trace = common.zeros_like_tree(params, accumulator_dtype) if use_trace else None
         return SgdState(count=jnp.zeros([], jnp.int32), trace=trace)
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state("sgd", state, SgdState, updates, ("trace",))
         count = optax.safe_increment(state.count)
         if not use_trace:
             return updates, SgdState(count=count, trace=None)
@@ -110,4 +112,5 @@ def sgd(
         weight_decay,
         mask,
         decay="l2",
+        name="sgd",
     )

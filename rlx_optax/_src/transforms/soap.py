@@ -339,6 +339,14 @@ def scale_by_soap(
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state(
+            "soap",
+            state,
+            SoapState,
+            updates,
+            ("mu", "nu"),
+            leaf_check=common.working_shape_disagrees,
+        )
         first = state.count == 0
         count = optax.safe_increment(state.count)
         do_refresh = state.count % precond_freq == 0

@@ -184,6 +184,8 @@ def scale_by_sophia(
     if not isinstance(update_interval, jax.Array):  # optax.inject_hyperparams passes an array
         common.check_positive_int("update_interval", update_interval)
 
+    given_hessian: list[bool] = []  # an estimate was passed to this transform (trace time)
+
     def init_fn(params):
         common.reject_complex(params, "sophia")
         return SophiaState(
@@ -195,6 +197,11 @@ def scale_by_sophia(
 
     def update_fn(updates, state, params=None, *, hessian_diag=None, obj_fn=None, key=None, **kw):
         _check_keywords(kw)
+        state = common.check_state("sophia", state, SophiaState, updates, ("mu", "h"))
+        if hessian_diag is not None:
+            given_hessian.append(True)
+        elif hessian_estimator is None and not given_hessian:
+            common.warn_once("sophia/no-hessian", common.SOPHIA_NO_HESSIAN_WARNING)
         h = state.h
         if hessian_diag is not None:
             h = _fold_hessian(h, hessian_diag, b2)
@@ -246,13 +253,16 @@ def _check_keywords(extra: dict[str, Any]) -> None:
     `update` must accept keywords meant for other members of an `optax.chain` (a chain passes
     every extra argument to every member), so unknown keywords in general pass; a keyword that
     names a Hessian but is not ``hessian_diag`` can only be a mistake that would otherwise run
-    the step without the estimate.
+    the step without the estimate. It is a TypeError, as Python raises for an unexpected
+    keyword argument.
     """
     for name in extra:
         if "hess" in name.lower():
-            raise ValueError(
-                f"sophia's update got the keyword {name!r}: the Hessian-diagonal estimate is "
-                "passed as hessian_diag=..."
+            raise TypeError(
+                f"sophia's update() got an unexpected keyword argument {name!r}: it accepts "
+                "hessian_diag=..., obj_fn=... and key=... (the Hessian-diagonal estimate is "
+                "hessian_diag=; other keywords are ignored, as optax.chain hands every extra "
+                "argument to every member)"
             )
 
 
@@ -293,11 +303,12 @@ def sophia(
     **Without a Hessian estimate Sophia is sign descent.** Until the first estimate arrives
     (through ``hessian_diag=`` or `hessian_estimator`), ``h = 0``, the denominator is `eps`
     and every step is :math:`\eta(\rho\operatorname{sign}(m) + \lambda\theta)`, as in the
-    crate when `update_hessian` is never called. Pass an estimate at least at the first step
+    crate when `update_hessian` is never called (a one-time UserWarning says so at the first
+    such update). Pass an estimate at least at the first step
     (``rlx_optax.hutchinson_diag``, ``gauss_newton_bartlett_diag``, or
     ``constant_hessian_diag`` for the crate's ``hessian_init``); in a Flax loop,
     ``rlx_optax.Trainer(..., update_kwargs=...)`` passes it. A misspelled keyword naming a
-    Hessian (``hessian=``) raises a ValueError; other unknown keywords are ignored, because
+    Hessian (``hessian=``) raises a TypeError; other unknown keywords are ignored, because
     `optax.chain` hands every extra argument to every member.
 
     The Hessian diagonal comes
@@ -367,4 +378,5 @@ def sophia(
         learning_rate,
         weight_decay,
         mask,
+        name="sophia",
     )

@@ -57,6 +57,7 @@ def scale_by_stiefel(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("stiefel needs params: call update(grads, state, params)")
+        state = common.check_state("stiefel", state, StiefelState, updates, ("mu",), params=params)
         count = optax.safe_increment(state.count)
 
         def direction(g, w):
@@ -172,7 +173,8 @@ def stiefel(
       the Cayley Transform*, https://arxiv.org/abs/2002.01113
     """
     common.check_learning_rate(learning_rate)
-    return optax.chain(
+    return common.chain(
+        "stiefel",
         scale_by_stiefel(momentum, mu_dtype, precision=precision),
         optax.scale_by_learning_rate(learning_rate),
         retract_stiefel(precision=precision),
