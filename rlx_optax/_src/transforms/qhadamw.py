@@ -36,7 +36,9 @@ def scale_by_qhadamw(
                    {\sqrt{(1-\nu_2) g_t^2 + \nu_2 \hat v_t} + \epsilon}
 
     with the bias-corrected Adam moments :math:`\hat m_t, \hat v_t` (the reference folds the
-    correction into the averaging weights, which is the same number). ``nu1 = nu2 = 1`` is Adam.
+    correction into the averaging weights, which is the same number up to rounding: in float64
+    the two orders differ by ~1e-15 on the same gradients; see docs/robustness.md, "Float64
+    agreement with references"). ``nu1 = nu2 = 1`` is Adam.
 
     Args:
       b1: first-moment decay (crate default 0.995, the paper's recommendation).
@@ -115,5 +117,9 @@ def qhadamw(
       https://arxiv.org/abs/1810.06801
     """
     return common.alias(
-        scale_by_qhadamw(b1, b2, nu1, nu2, eps, mu_dtype), learning_rate, weight_decay, mask
+        scale_by_qhadamw(b1, b2, nu1, nu2, eps, mu_dtype),
+        learning_rate,
+        weight_decay,
+        mask,
+        name="qhadamw",
     )
