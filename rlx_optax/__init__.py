@@ -37,6 +37,8 @@ from rlx_optax._src.transforms.hessian import hutchinson_diag as hutchinson_diag
 from rlx_optax._src.transforms.kron_psgd import KronPsgdState as KronPsgdState
 from rlx_optax._src.transforms.kron_psgd import kron_psgd as kron_psgd
 from rlx_optax._src.transforms.kron_psgd import scale_by_kron_psgd as scale_by_kron_psgd
+from rlx_optax._src.transforms.labels import MatrixAxes as MatrixAxes
+from rlx_optax._src.transforms.labels import MuonLabels as MuonLabels
 from rlx_optax._src.transforms.lamb import LambState as LambState
 from rlx_optax._src.transforms.lamb import lamb as lamb
 from rlx_optax._src.transforms.lamb import scale_by_lamb as scale_by_lamb
@@ -117,6 +119,8 @@ __all__ = [
     "LambState",
     "LionState",
     "MarsState",
+    "MatrixAxes",
+    "MuonLabels",
     "MuonState",
     "NAdamWState",
     "QHAdamWState",

@@ -17,6 +17,9 @@ from rlx_optax._src.linalg._sharding import explicit_shardings
 #: :math:`X \leftarrow aX + (bA + cA^2)X`.
 DEFAULT_NS_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
+#: The most iterations a traced (not Python) `steps` may ask for.
+MAX_TRACED_STEPS = 32
+
 #: The classical cubic iteration :math:`X \leftarrow \tfrac32 X - \tfrac12 X X^\top X`; it
 #: converges to the polar factor for singular values in (0, sqrt(3)), slowly for small ones.
 CUBIC_NS_COEFFS: tuple[float, float, float] = (1.5, -0.5, 0.0)
@@ -112,7 +115,9 @@ def newton_schulz(
     Args:
       x: array of shape (m, n).
       steps: number of iterations (default 5, or the schedule's length). A traced integer is
-        accepted (it runs a `lax.fori_loop`), so the count works under
+        accepted (it runs a `lax.scan` of `MAX_TRACED_STEPS` = 32 iterations, those past
+        `steps` skipped by `lax.cond`; a traced count above 32 gives NaN), which JAX
+        differentiates in both modes, so the count works under
         `optax.inject_hyperparams`.
       coeffs: (a, b, c) for every iteration, or a sequence of (a, b, c) rows, one per
         iteration; when `steps` exceeds the rows, the last row repeats. `c = 0` in every row
@@ -222,9 +227,14 @@ def newton_schulz(
     else:
         rows = jnp.asarray(table, acc)  # the coefficients are not rounded to a bf16 ct
 
-        def body(k, X):
+        # A scan of MAX_TRACED_STEPS guarded iterations rather than a fori_loop to a traced
+        # bound: JAX differentiates a scan in reverse mode (meta-gradients through
+        # `optax.inject_hyperparams`), not a loop of traced length.
+        def body(X, k):
             a, b, c = rows[jnp.minimum(k, rows.shape[0] - 1)]
-            return iteration(X, a, b, c)
+            X = jax.lax.cond(k < steps, lambda X: iteration(X, a, b, c), lambda X: X, X)
+            return X, None
 
-        X = jax.lax.fori_loop(0, steps, body, X)
+        X, _ = jax.lax.scan(body, X, jnp.arange(MAX_TRACED_STEPS))
+        X = jnp.where(steps <= MAX_TRACED_STEPS, X, jnp.asarray(jnp.nan, X.dtype))
     return (X.T if transposed else X).astype(x.dtype)

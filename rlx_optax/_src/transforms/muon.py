@@ -14,6 +14,7 @@ from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import DEFAULT_NS_COEFFS, newton_schulz
 from rlx_optax._src.transforms import _batching
 from rlx_optax._src.transforms import adam as _adam
+from rlx_optax._src.transforms import labels as _labels
 
 _SCALES = ("crate", "keller", "moonlight")
 _LAYOUTS = ("in_out", "out_in")
@@ -84,6 +85,7 @@ def scale_by_muon(
     ns_dtype: Any = None,
     precision: Any = None,
     behaviour: str = "crate",
+    matrix_axes: Any = None,
 ) -> optax.GradientTransformation:
     r"""Muon's update direction.
 
@@ -132,6 +134,12 @@ def scale_by_muon(
       behaviour: ``"crate"`` or ``"reference"`` (Keller Jordan's Muon: ``shape_scale="keller"``,
         ``momentum_form="ema"``, ``flatten_conv=True``, ``eps=1e-7``, bf16 Newton-Schulz);
         arguments given explicitly take precedence.
+      matrix_axes: per-leaf matrix views, replacing the rank rule, `layout` and
+        `flatten_conv`: a pytree like the parameters of `rlx_optax.MatrixAxes` (reduction
+        and output axes; other axes are batch axes, one matrix each) or None (the fallback
+        path), a callable of the gradient tree returning one, or a `rlx_optax.MuonLabels`.
+        The shape scale reads the view as (fan_in, fan_out) = (reduction, output). Default
+        None: the rank rule.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -155,6 +163,8 @@ def scale_by_muon(
     common.check_choice("layout", layout, _LAYOUTS)
     common.check_choice("momentum_form", momentum_form, _MOMENTUM_FORMS)
     linalg.check_precision("precision", precision)
+    if isinstance(ns_steps, bool):
+        raise ValueError(f"ns_steps must be an int >= 0, got {ns_steps!r}")
 
     mu_value = momentum
 
@@ -177,31 +187,61 @@ def scale_by_muon(
         return d, m
 
     def orthogonalise(d):
-        return (
-            newton_schulz(d, ns_steps, ns_coeffs, eps=eps, ns_dtype=ns_dtype, precision=precision),
-        )
+        def ns(x):
+            return newton_schulz(
+                x, ns_steps, ns_coeffs, eps=eps, ns_dtype=ns_dtype, precision=precision
+            )
+
+        return (jax.vmap(ns)(d) if d.ndim == 3 else ns(d),)  # (batch, rows, cols) views
 
     def update_fn(updates, state, params=None):
         del params
-        state = common.check_state("muon", state, MuonState, updates, ("mu",))
         d, mu = common.tree_map_multi(momentum_leaf, 2, updates, state.mu)
 
-        def view_of(x):
+        spec = None
+        if matrix_axes is not None:
+            spec = _labels.resolve_matrix_axes(matrix_axes, updates)
+
+        def explicit_view(path, shape):  # (perm, view) of a leaf under `matrix_axes`
+            axes = spec.get(path)
+            if axes is None:
+                return None
+            where = f"matrix_axes at {jax.tree_util.keystr(path)}"
+            perm, view = _labels.matrix_view_shape(shape, axes, where)
+            return perm, (math.prod(view[:-2]), *view[-2:]) if len(view) > 2 else view
+
+        def view_of(path, x):
+            if x is None:
+                return None
+            if spec is not None:
+                pv = explicit_view(path, x.shape)
+                return None if pv is None else jnp.transpose(x, pv[0]).reshape(pv[1])
             view = _matrix_shape(x.shape, layout, flatten_conv)
             return None if view is None else x.reshape(view)
 
+        views = jax.tree_util.tree_map_with_path(view_of, d, is_leaf=lambda x: x is None)
         # Newton-Schulz runs once per group of same-shaped matrices (one batched product
         # chain per shape, `grouped_map`), not once per leaf.
-        (o,) = _batching.grouped_map(orthogonalise, 1, common.tree_map_none(view_of, d))
+        (o,) = _batching.grouped_map(orthogonalise, 1, views)
 
-        def finish(g, d, o):
+        def finish(path, g, d, o):
+            if g is None:
+                return None
             if o is None:
                 return d.astype(g.dtype)
-            rows, cols = o.shape
-            scale = _shape_scale(shape_scale, rows, cols, layout)
-            return (scale * o.astype(d.dtype)).reshape(g.shape).astype(g.dtype)
+            rows, cols = o.shape[-2:]
+            if spec is None:
+                scale = _shape_scale(shape_scale, rows, cols, layout)
+                return (scale * o.astype(d.dtype)).reshape(g.shape).astype(g.dtype)
+            scale = _shape_scale(shape_scale, rows, cols, "in_out")
+            perm = explicit_view(path, g.shape)[0]
+            o = (scale * o.astype(d.dtype)).reshape(tuple(g.shape[a] for a in perm))
+            inverse = [0] * len(perm)
+            for i, a in enumerate(perm):
+                inverse[a] = i
+            return jnp.transpose(o, inverse).astype(g.dtype)
 
-        u = common.tree_map_none(finish, updates, d, o)
+        u = jax.tree_util.tree_map_with_path(finish, updates, d, o, is_leaf=lambda x: x is None)
         mu = optax.tree.cast_like(mu, state.mu)
         return u, MuonState(count=optax.safe_increment(state.count), mu=mu)
 
@@ -233,6 +273,7 @@ def muon(
     precision: Any = None,
     behaviour: str = "crate",
     mask: common.MaskOrFn = None,
+    matrix_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon, as the crate's `Muon`, with switches to Keller Jordan's reference.
 
@@ -261,10 +302,9 @@ def muon(
       nesterov: Nesterov momentum.
       weight_decay: decoupled decay coefficient (multiplied by the learning rate).
       ns_steps: Newton-Schulz iterations (crate name `ns_steps`). Under
-        `optax.inject_hyperparams` it becomes a traced count and runs a `lax.fori_loop`, which
-        JAX cannot differentiate in reverse mode: to take `jax.grad` through the update
-        (meta-gradients), keep it static with
-        ``optax.inject_hyperparams(rlx_optax.muon, static_args=("ns_steps",))``.
+        `optax.inject_hyperparams` it becomes a traced count (at most 32, see
+        `newton_schulz`); `jax.grad` through the update (meta-gradients) works with it, and
+        ``static_args=("ns_steps",)`` keeps it a Python int (no guarded loop).
       ns_coeffs: Newton-Schulz coefficients (crate name `ns_coeffs`), or a per-iteration
         schedule of rows.
       shape_scale: ``"crate"``, ``"keller"``, ``"moonlight"`` or ``(rows, cols) -> float``.
@@ -272,8 +312,11 @@ def muon(
       momentum_form: ``"sum"`` (crate) or ``"ema"`` (reference).
       flatten_conv: orthogonalise rank >= 3 leaves as matrices.
       fallback: ``"sgd"`` (crate: SGD momentum for non-matrix leaves) or ``"adamw"``.
-      adam_leaves: pytree of booleans (or a callable of the params returning one) marking
-        leaves sent to AdamW, whatever `fallback` is.
+      adam_leaves: pytree of booleans like the parameters (True: AdamW), a callable of the
+        parameters returning one, or a `rlx_optax.MuonLabels` (its `adam_mask`): leaves
+        sent to AdamW whatever `fallback` is. Under `optax.inject_hyperparams` a callable
+        is taken for a schedule: pass ``static_args=("adam_leaves",)``, or a `MuonLabels`
+        (not callable), which needs nothing.
       adam_learning_rate: AdamW's rate (default: `learning_rate`).
       adam_b1: AdamW's first-moment decay.
       adam_b2: AdamW's second-moment decay.
@@ -290,6 +333,13 @@ def muon(
       behaviour: ``"crate"`` or ``"reference"`` (see `scale_by_muon`; the reference preset
         also sets ``fallback="adamw"``).
       mask: pytree (or callable) of booleans selecting the leaves decayed (Muon branch).
+      matrix_axes: per-leaf matrix views (see `scale_by_muon`): a pytree of
+        `rlx_optax.MatrixAxes` or None, a callable returning one, or a
+        `rlx_optax.MuonLabels`; a leaf given None goes to AdamW. ``MuonLabels()`` sends
+        embeddings, heads, biases, norm scales and rank < 2 leaves to AdamW and
+        orthogonalises Flax attention kernels as the matrices the layer multiplies by
+        (q/k/v ``(in, heads, head_dim)`` as ``(in, heads*head_dim)``, out ``(heads,
+        head_dim, out)`` as ``(heads*head_dim, out)``). Default None: the rank rule.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -306,6 +356,27 @@ def muon(
       >>> # -lr * sqrt(max(4, 2)) * NS(g): the quintic maps g's one singular value to 0.70
       >>> round(float(jnp.linalg.norm(updates["w"], ord=2)) / (0.02 * 2.0), 2)
       0.7
+
+      Attention kernels, embeddings and norms (a Flax NNX model: ``nnx.Optimizer(model, tx,
+      wrt=nnx.Param)`` hands `init` the `nnx.State` of the parameters, labelled the same):
+
+      >>> labels = rlx_optax.MuonLabels()  # embeddings, heads, biases, norms -> AdamW
+      >>> tx = rlx_optax.muon(0.02, behaviour="reference", matrix_axes=labels)
+      >>> params = {
+      ...     "embed": {"embedding": jnp.ones((50, 8))},
+      ...     "attn": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))},
+      ...              "out": {"kernel": jnp.ones((2, 4, 8))}},
+      ...     "norm": {"scale": jnp.ones(8)},
+      ... }
+      >>> axes = labels.axes(params)
+      >>> axes["attn"]["query"]["kernel"]  # (in, heads, head_dim): the (8, 8) matrix
+      MatrixAxes(reduction=(0,), output=(1, 2))
+      >>> axes["attn"]["out"]["kernel"]
+      MatrixAxes(reduction=(0, 1), output=(2,))
+      >>> [axes["embed"]["embedding"], axes["attn"]["query"]["bias"], axes["norm"]["scale"]]
+      [None, None, None]
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
 
     References:
       Jordan et al., *Muon: An optimizer for hidden layers in neural networks* (2024),
@@ -333,6 +404,11 @@ def muon(
     common.check_beta("adam_b2", adam_b2)
     common.check_non_negative("adam_eps", adam_eps)
     common.check_non_negative("adam_weight_decay", adam_weight_decay)
+    if adam_leaves is not None and not (
+        callable(adam_leaves) or isinstance(adam_leaves, _labels.MuonLabels)
+    ):
+        if isinstance(adam_leaves, bool | str) or _labels.is_array(adam_leaves):
+            _labels.resolve_adam_mask(adam_leaves, {})  # raises, naming adam_leaves
     scale = scale_by_muon(
         momentum,
         nesterov,
@@ -346,9 +422,10 @@ def muon(
         mu_dtype=mu_dtype,
         ns_dtype=ns_dtype,
         precision=precision,
+        matrix_axes=matrix_axes,
     )
     muon_tx = common.alias(scale, learning_rate, weight_decay, mask)
-    if fallback == "sgd" and adam_leaves is None:
+    if fallback == "sgd" and adam_leaves is None and matrix_axes is None:
         return muon_tx
 
     adam_tx = _adam.adamw(
@@ -361,16 +438,20 @@ def muon(
     )
 
     def labels(params):
-        chosen = adam_leaves(params) if callable(adam_leaves) else adam_leaves
-        if chosen is None:
-            chosen = jax.tree.map(lambda _: False, params)
+        chosen = _labels.resolve_adam_mask(adam_leaves, params)
+        spec = None
+        if matrix_axes is not None:
+            spec = _labels.resolve_matrix_axes(matrix_axes, params)
 
-        def label(p, to_adam):
+        def label(path, p, to_adam):
+            if spec is not None:
+                matrix = spec.get(path) is not None
+                return "adam" if to_adam or not matrix else "muon"
             matrix = _matrix_shape(p.shape, layout, flatten_conv) is not None
             if to_adam or (fallback == "adamw" and not matrix):
                 return "adam"
             return "muon"
 
-        return jax.tree.map(label, params, chosen)
+        return jax.tree_util.tree_map_with_path(label, params, chosen)
 
     return optax.partition({"muon": muon_tx, "adam": adam_tx}, labels)
