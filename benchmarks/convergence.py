@@ -162,12 +162,19 @@ def base_lr(row: registry.Algorithm, learned: bool) -> float:
     return row.contract_lr
 
 
-def make_train(problem: Problem, row: registry.Algorithm, steps: int, eval_every: int):
-    """A jitted ``(lr, params, batches, seed) -> eval losses`` for one algorithm."""
+def make_train(
+    problem: Problem,
+    row: registry.Algorithm,
+    steps: int,
+    eval_every: int,
+    make: Callable[..., optax.GradientTransformationExtraArgs] | None = None,
+):
+    """A jitted ``(lr, params, batches, seed) -> eval losses`` for one algorithm (`make`, a
+    ``make(learning_rate)`` such as a `registry.Configuration`'s, replaces `row.factory`)."""
     n_chunks = steps // eval_every
 
     def train(lr, params, batches, seed):
-        tx = row.factory(lambda count: lr)
+        tx = (make or row.factory)(lambda count: lr)
         state = tx.init(params)
         batches = jax.tree.map(lambda b: b.reshape(n_chunks, eval_every, *b.shape[1:]), batches)
 

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import convergence, elementwise, harness, memory, model  # noqa: E402
+from benchmarks import convergence, elementwise, harness, lr_sweep, memory, model  # noqa: E402
 
 # Module -> (arguments for a full run, arguments for a smoke run or None to skip it there,
 # title in RESULTS.md). `SOURCE` names the file of an entry that is another's mode.
@@ -46,9 +46,14 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
     "sophia_mars": ([], ["--small"], "Sophia and MARS"),
     "stateful": ([], ["--small"], "Stateful API vs the pure step"),
     "convergence": ([], ["--small"], "Convergence"),
+    "lr_sweep": (
+        [],
+        ["--small", "--problems", "digits", "--max-rates", "3"],
+        "Learning rates: every configuration on a log grid",
+    ),
 }
 SOURCE = {"kron_soap_large": "kron_soap"}
-OWN_RENDERERS = {"elementwise", "memory", "convergence", "model"}
+OWN_RENDERERS = {"elementwise", "memory", "convergence", "model", "lr_sweep"}
 RATIO_HINTS = ("over", "/", "ratio", "bytes_per", "per_param")
 
 
@@ -171,6 +176,24 @@ def render_convergence(payload: dict[str, Any], plots: str) -> str:
     )
 
 
+def render_lr_sweep(payload: dict[str, Any]) -> str:
+    lines = [
+        f"- {name}: {p['steps']} steps, batch {p['batch']}, {payload['seeds']} seeds"
+        for name, p in payload["problems"].items()
+    ]
+    return (
+        "Each configuration of `registry.configurations()` (the algorithms with their defaults, "
+        "then the presets) on a log grid of learning rates, factor "
+        f"{payload['factor']:g}, grown on a side while the best rate sits on that edge (at most "
+        f"{payload['max_rates']} rates). Best rate by mean final validation loss; loss ± "
+        "standard error over the seeds at that rate; `+`/`-`: the best rate is the top/bottom "
+        "of the grid swept. Every (configuration, rate, seed) final loss is in the JSON.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + lr_sweep.table(payload)
+    )
+
+
 def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) -> str:
     payloads = {
         p.stem: json.loads(p.read_text())
@@ -216,6 +239,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = memory.table(payload)
         elif name == "convergence":
             body = render_convergence(payload, plots)
+        elif name == "lr_sweep":
+            body = render_lr_sweep(payload)
         else:
             body = render_generic(payload)
         source = SOURCE.get(name, name)

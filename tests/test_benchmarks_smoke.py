@@ -107,3 +107,31 @@ def test_model_benchmark_json_and_section(tmp_path):
     text = run.render(tmp_path, [], "plots")
     assert "## Whole model" in text and f"Device: {data['device']}" in text
     assert "| muon | default (float32, HIGHEST) |" in text
+
+
+def test_lr_sweep_json_has_every_configuration(tmp_path):
+    """`benchmarks/lr_sweep.py --small` on the digits MLP: a row per configuration (the 15
+    defaults and the presets), every (rate, seed) final loss, the best rate one of the grid,
+    and the RESULTS.md table with a row per configuration."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+    from rlx_optax._src import registry
+
+    path = tmp_path / "lr_sweep.json"
+    cmd = [sys.executable, "-m", "benchmarks.lr_sweep", "--small", "--problems", "digits"]
+    cmd += ["--max-rates", "3", "--json", str(path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    labels = [c.label for c in registry.configurations()]
+    assert len(labels) == 21 and "kron_psgd/reference" in labels
+    results = data["problems"]["digits"]["results"]
+    assert list(results) == labels
+    for r in results.values():
+        lrs = [s["lr"] for s in r["sweep"]]
+        assert len(lrs) == 3 and lrs == sorted(lrs)
+        assert r["best_lr"] in lrs and r["edge"] in ("", "+", "-")
+        assert all(len(s["final_losses"]) == data["seeds"] for s in r["sweep"])
+        assert r["final_loss_se"] >= 0
+    text = run.render_lr_sweep(data)
+    assert all(f"| {label} |" in text for label in labels)
