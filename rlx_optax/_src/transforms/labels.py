@@ -215,6 +215,10 @@ def _is_spec(x: Any) -> bool:
     return x is None or isinstance(x, MatrixAxes)
 
 
+def _is_axes_like(x: Any) -> bool:  # a tuple or list of ints: an axes tuple, not a subtree
+    return isinstance(x, tuple | list) and bool(x) and all(isinstance(a, int) for a in x)
+
+
 def _describe(value: Any) -> str:
     shown = repr(value)
     return shown if len(shown) <= 80 else shown[:77] + "..."
@@ -244,7 +248,9 @@ def resolve_matrix_axes(spec: Any, tree: Any, name: str = "matrix_axes") -> dict
         spec = spec(tree)
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     try:
-        flat, _ = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec)
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            spec, is_leaf=lambda x: _is_spec(x) or _is_axes_like(x)
+        )
     except Exception as err:  # noqa: BLE001 - any flattening problem is the spec's
         raise ValueError(f"{name} must be a pytree of MatrixAxes or None: {err}") from err
     out = {}
