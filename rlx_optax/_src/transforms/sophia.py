@@ -199,7 +199,7 @@ def scale_by_sophia(
         _check_keywords(kw)
         state = common.check_state("sophia", state, SophiaState, updates, ("mu", "h"))
         if hessian_diag is not None:
-            given_hessian.append(True)
+            given_hessian[:] = [True]
         elif hessian_estimator is None and not given_hessian:
             common.warn_once("sophia/no-hessian", common.SOPHIA_NO_HESSIAN_WARNING)
         h = state.h
