@@ -345,7 +345,7 @@ def muon(
       An `optax.GradientTransformationExtraArgs`.
 
     Example:
-      >>> import jax.numpy as jnp, rlx_optax
+      >>> import jax, jax.numpy as jnp, rlx_optax
       >>> tx = rlx_optax.muon(0.02)
       >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
       >>> state = tx.init(params)
@@ -377,6 +377,8 @@ def muon(
       [None, None, None]
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> round(float(updates["embed"]["embedding"][0, 0]), 4)  # AdamW's first step: -lr
+      -0.02
 
     References:
       Jordan et al., *Muon: An optimizer for hidden layers in neural networks* (2024),
