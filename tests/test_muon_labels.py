@@ -331,3 +331,13 @@ def test_no_spec_keeps_the_rank_rule():
     tx = rlx_optax.muon(LR)
     u, _ = tx.update(g, tx.init(params), params)
     np.testing.assert_allclose(u["attn"]["query"]["kernel"], -LR * 1.95 * 0.5, rtol=1e-6)
+
+
+def test_a_callable_spec_equals_the_labels_object():
+    _, params, grads = _model_and_grads()
+    by_object = _first_update(rlx_optax.muon(LR, matrix_axes=MuonLabels()), params, grads)
+    by_callable = _first_update(
+        rlx_optax.muon(LR, matrix_axes=lambda tree: MuonLabels().axes(tree)), params, grads
+    )
+    for k in by_object:
+        np.testing.assert_array_equal(by_callable[k], by_object[k], err_msg=k)

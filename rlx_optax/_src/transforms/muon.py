@@ -120,7 +120,9 @@ def scale_by_muon(
       flatten_conv: orthogonalise leaves of rank >= 3 as matrices (``(-1, out)`` for
         ``"in_out"``, ``(out, -1)`` for ``"out_in"``) instead of the fallback (the crate
         sends them to the fallback; the reference flattens conv kernels). The shape scale uses
-        the flattened shape.
+        the flattened shape. Attention kernels are not conv kernels (Flax's q/k/v
+        ``(in, heads, head_dim)`` would be read as ``(in*heads, head_dim)``): give them
+        `matrix_axes` (``rlx_optax.MuonLabels()``).
       eps: floor of the Frobenius norm in Newton-Schulz (crate 1e-12, reference 1e-7).
       mu_dtype: dtype of the momentum (default: the parameter dtype).
       ns_dtype: dtype of the Newton-Schulz iteration (default float32, or the parameter
