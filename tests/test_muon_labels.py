@@ -341,3 +341,22 @@ def test_a_callable_spec_equals_the_labels_object():
     )
     for k in by_object:
         np.testing.assert_array_equal(by_callable[k], by_object[k], err_msg=k)
+
+
+@pytest.mark.parametrize("steps", [0, 7, 32])
+def test_traced_step_count_equals_the_static_one(steps):
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(5, 8)), jnp.float32)
+    # the cubic iteration contracts, so float32 rounding does not build up over 32 steps
+    static = rlx_optax.newton_schulz(x, steps, CUBIC)
+    traced = jax.jit(rlx_optax.newton_schulz, static_argnums=2)(x, jnp.asarray(steps), CUBIC)
+    np.testing.assert_allclose(traced, static, rtol=0, atol=1e-6)
+    if steps == 32:
+        np.testing.assert_allclose(traced, polar64(x), rtol=0, atol=1e-5)
+
+
+def test_traced_step_count_above_the_bound_is_nan():
+    from rlx_optax._src.linalg.newton_schulz import MAX_TRACED_STEPS
+
+    x = jnp.eye(3, 4)
+    out = jax.jit(rlx_optax.newton_schulz)(x, jnp.asarray(MAX_TRACED_STEPS + 1))
+    assert np.all(np.isnan(np.asarray(out)))
