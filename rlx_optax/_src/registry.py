@@ -110,7 +110,7 @@ _BETAS_WD = _frozen({"with_betas": ("beta1", "beta2"), "with_weight_decay": ("we
 ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm(
         name="sgd",
-        train_lr=0.1,
+        train_lr=0.3,
         factory=_sgd.sgd,
         stateful="Sgd",
         crate_builders=_frozen(
@@ -145,7 +145,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adamw",
-        train_lr=0.003,
+        train_lr=0.009,
         factory=_adam.adamw,
         stateful="AdamW",
         crate_counter=True,
@@ -157,7 +157,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="nadamw",
-        train_lr=0.003,
+        train_lr=0.009,
         factory=_nadamw.nadamw,
         stateful="NAdamW",
         crate_counter=True,
@@ -168,7 +168,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="radam",
-        train_lr=0.003,
+        train_lr=0.027,
         factory=_radam.radam,
         stateful="RAdam",
         crate_counter=True,
@@ -180,7 +180,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="qhadamw",
-        train_lr=0.003,
+        train_lr=0.009,
         factory=_qhadamw.qhadamw,
         stateful="QHAdamW",
         crate_counter=True,
@@ -220,7 +220,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="lion",
-        train_lr=0.001,
+        train_lr=0.003,
         factory=_lion.lion,
         stateful="Lion",
         crate_builders=_BETAS_WD,
@@ -233,6 +233,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="sophia",
+        train_lr=0.03,
         factory=_sophia.sophia,
         stateful="Sophia",
         crate_counter=True,
@@ -345,6 +346,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adafactor",
+        train_lr=0.005,
         factory=_adafactor.adafactor,
         stateful="Adafactor",
         crate_counter=True,
@@ -375,6 +377,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="mars",
+        train_lr=0.005,
         factory=_mars.mars,
         stateful="Mars",
         crate_counter=True,
@@ -405,6 +408,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="stiefel",
+        train_lr=0.81,
         factory=_stiefel.stiefel,
         stateful="Stiefel",
         crate_builders=_frozen({"with_momentum": ("momentum",)}),
@@ -417,7 +421,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="kron_psgd",
-        train_lr=0.03,
+        train_lr=0.09,
         factory=_kron_psgd.kron_psgd,
         stateful="KronPsgd",
         crate_builders=_frozen(
@@ -456,11 +460,14 @@ class Configuration:
       label: ``"<name>"`` for the defaults, ``"<name>/<preset>"`` for a preset.
       algorithm: the row's factory name.
       kwargs: factory arguments besides the learning rate.
+      train_lr: the preset's own `Algorithm.train_lr` when its best rate differs from the
+        defaults' (measured by `benchmarks/lr_sweep.py`); None: the row's.
     """
 
     label: str
     algorithm: str
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train_lr: float | None = None
 
     @property
     def row(self) -> Algorithm:
@@ -475,11 +482,15 @@ class Configuration:
 #: users run), each a configuration of its own in the tests and benchmarks.
 PRESETS: tuple[Configuration, ...] = (
     Configuration("radam/reference", "radam", _frozen({"behaviour": "reference"})),
-    Configuration("adafactor/reference", "adafactor", _frozen({"behaviour": "reference"})),
-    Configuration("muon/reference", "muon", _frozen({"behaviour": "reference"})),
-    Configuration("mars/shampoo", "mars", _frozen({"variant": "shampoo"})),
+    Configuration(
+        "adafactor/reference", "adafactor", _frozen({"behaviour": "reference"}), train_lr=0.015
+    ),
+    Configuration("muon/reference", "muon", _frozen({"behaviour": "reference"}), train_lr=0.02),
+    Configuration("mars/shampoo", "mars", _frozen({"variant": "shampoo"}), train_lr=0.045),
     Configuration("soap/reference", "soap", _frozen({"behaviour": "reference"})),
-    Configuration("kron_psgd/reference", "kron_psgd", _frozen({"behaviour": "reference"})),
+    Configuration(
+        "kron_psgd/reference", "kron_psgd", _frozen({"behaviour": "reference"}), train_lr=0.003
+    ),
 )
 
 
