@@ -14,8 +14,8 @@ infinite loss. Each (configuration, problem) compiles once: the rate and the see
 
 Run: ``python benchmarks/lr_sweep.py [--small] [--only LABEL ...] [--problems charlm digits]``;
 writes ``benchmarks/out/lr_sweep.json`` (``--json PATH`` elsewhere): every final loss per
-(configuration, problem, rate, seed).
-"""
+(configuration, problem, rate, seed). The run behind the README's table is committed as
+``benchmarks/results/lr_sweep.json``."""
 
 from __future__ import annotations
 
@@ -194,6 +194,22 @@ def table(payload: dict[str, Any]) -> str:
             lrs = [s["lr"] for s in r["sweep"]]
             grids.append(f"{p} {lrs[0]:.2g}-{lrs[-1]:.2g}")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'; '.join(grids)} |")
+    return "\n".join(lines)
+
+
+def grid_table(payload: dict[str, Any]) -> str:
+    """Every rate swept: the mean final loss over the seeds per (configuration, problem)."""
+    lines = ["| configuration | problem | rate: mean final loss |", "|---|---|---|"]
+    labels = list(next(iter(payload["problems"].values()))["results"]) if payload else []
+    for label in labels:
+        for p, problem in payload["problems"].items():
+            r = problem["results"][label]
+            cells = [
+                f"{s['lr']:.2g}: "
+                + (f"**{s['mean']:.3g}**" if s["lr"] == r["best_lr"] else f"{s['mean']:.3g}")
+                for s in r["sweep"]
+            ]
+            lines.append(f"| {label} | {p} | " + ", ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -189,8 +189,11 @@ def render_lr_sweep(payload: dict[str, Any]) -> str:
         "standard error over the seeds at that rate; `+`/`-`: the best rate is the top/bottom "
         "of the grid swept. Every (configuration, rate, seed) final loss is in the JSON.\n\n"
         + "\n".join(lines)
-        + "\n\n"
+        + f"\n\nThe whole sweep took {payload['seconds'] / 60:.0f} min on this machine (shared "
+        "with other jobs).\n\n"
         + lr_sweep.table(payload)
+        + "\n\nEvery rate swept (mean final loss over the seeds; the best in bold):\n\n"
+        + lr_sweep.grid_table(payload)
     )
 
 
