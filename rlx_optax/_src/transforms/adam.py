@@ -87,6 +87,7 @@ def adam(
 
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
+      >>> # a toy rate; to train a network from scratch start at 3e-3 (README, learning-rate table)
       >>> tx = rlx_optax.adam(0.1)
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
@@ -141,6 +142,7 @@ def adamw(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
+      >>> # 3e-3 to 1e-2 trains a network from scratch (README, learning-rate table)
       >>> tx = rlx_optax.adamw(1e-2, weight_decay=0.1)
       >>> params = {"w": jnp.ones((2, 2))}
       >>> state = tx.init(params)

@@ -358,13 +358,14 @@ def mars(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
-      >>> tx = rlx_optax.mars(1e-2)
+      >>> # for a network start at 5e-3, variant="shampoo" at 1.5e-2 (README, learning-rate table)
+      >>> tx = rlx_optax.mars(5e-3)
       >>> params = {"w": jnp.ones((2, 2))}
       >>> state = tx.init(params)
       >>> grads = {"w": jnp.full((2, 2), 0.1)}
       >>> updates, state = tx.update(grads, state, params)
       >>> round(float(optax.apply_updates(params, updates)["w"][0, 0]), 4)
-      0.99
+      0.995
 
     References:
       Yuan, Liu, Wu, Zhou & Gu, *MARS: Unleashing the Power of Variance Reduction for
