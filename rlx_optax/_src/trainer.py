@@ -78,6 +78,12 @@ def _step(graphdef, loss_fn, wrt, has_aux, hook, extra, state, batch, sums, aux)
     return nnx.state((model, optimizer)), loss, sums, metrics, (seed, previous)
 
 
+# One compiled step per distinct (graph, loss, filter, hook, extra): a second Trainer of the same
+# model and transform (the usual way to resume from a checkpoint) reuses the compiled program.
+# Donated: the model/optimizer state, the loss sums and the previous parameters.
+_jitted_step = jax.jit(_step, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6, 8, 9))
+
+
 class Trainer:
     """Train a Flax NNX model with an optax transform (RUMUS's `Trainer`, plus a loop).
 
@@ -157,11 +163,15 @@ class Trainer:
     def _compiled_step(self, hook: Hook | None) -> Callable:
         if hook not in self._compiled:
             graphdef = nnx.graphdef((self.model, self.optimizer))
-            fn = functools.partial(
-                _step, graphdef, self.loss_fn, self.wrt, self.has_aux, hook, self.update_kwargs
+            self._compiled[hook] = functools.partial(
+                _jitted_step,
+                graphdef,
+                self.loss_fn,
+                self.wrt,
+                self.has_aux,
+                hook,
+                self.update_kwargs,
             )
-            # Donate the model/optimizer state, the loss sums and the previous parameters.
-            self._compiled[hook] = jax.jit(fn, donate_argnums=(0, 2, 3))
         return self._compiled[hook]
 
     def train_step_with(self, hook: Hook | None, batch: Any) -> tuple[jax.Array, dict[str, Any]]:

@@ -274,7 +274,9 @@ def scale_by_kron_psgd(
             )
         return KronPsgdState(
             count=jnp.zeros([], jnp.int32),
-            key=key if probe == "random" else None,
+            # a copy: a donated step deletes the state's buffers, and the factory's key must
+            # survive it for the next `init` (a resumed run, a second model)
+            key=jnp.copy(key) if probe == "random" else None,
             update_counter=jnp.zeros([], jnp.int32),
             factors=_per_axis.by_axis(common.tree_map_none(init_leaf, params), params),
         )
