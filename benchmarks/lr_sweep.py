@@ -11,6 +11,8 @@ side while the best mean final loss sits on that edge (up to `--max-rates` rates
 rate at an edge of the final grid (marked `+`/`-` in the table) means the budget ran out, not
 that the sweep saw the optimum. A rate whose run diverges (a non-finite loss) counts as an
 infinite loss. Each (configuration, problem) compiles once: the rate and the seed are traced.
+`start_lr` is the smallest rate swept within one standard error of the best (the registry's
+`train_lr`).
 
 Run: ``python benchmarks/lr_sweep.py [--small] [--only LABEL ...] [--problems charlm digits]``;
 writes ``benchmarks/out/lr_sweep.json`` (``--json PATH`` elsewhere): every final loss per
@@ -176,21 +178,44 @@ def run(
     return payload
 
 
+def _se(finals: list[float]) -> float:
+    a = np.asarray(finals, np.float64)
+    return float(np.std(a, ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+
+
+def start_lr(r: dict[str, Any]) -> float:
+    """The smallest rate swept whose mean final loss is within one standard error (of the
+    difference of the two means) of the best rate's: the one-standard-error rule, leaning to
+    the lower rate because larger models want lower rates than this small one."""
+    best = next(s for s in r["sweep"] if s["lr"] == r["best_lr"])
+    for s in r["sweep"]:
+        if s["lr"] >= r["best_lr"] or not math.isfinite(s["mean"]):
+            continue
+        se = math.hypot(_se(s["final_losses"]), _se(best["final_losses"]))
+        if s["mean"] - best["mean"] <= se:
+            return s["lr"]
+    return r["best_lr"]
+
+
 def _lr(r: dict[str, Any]) -> str:
     return f"{r['best_lr']:.2g}{r['edge']}"
 
 
 def table(payload: dict[str, Any]) -> str:
-    """Best rate and final loss ± standard error per configuration and problem, then the grid."""
+    """Best rate, final loss ± standard error and `start_lr` per configuration and problem,
+    and the rates swept."""
     probs = list(payload["problems"])
-    head = "| configuration | " + " | ".join(f"{p}: best lr | {p}: loss ± s.e." for p in probs)
-    lines = [head + " | rates swept |", "|---|" + "---:|---:|" * len(probs) + "---|"]
+    head = "| configuration | " + " | ".join(
+        f"{p}: best lr | {p}: loss ± s.e. | {p}: start at" for p in probs
+    )
+    lines = [head + " | rates swept |", "|---|" + "---:|---:|---:|" * len(probs) + "---|"]
     labels = list(next(iter(payload["problems"].values()))["results"]) if probs else []
     for label in labels:
         cells, grids = [], []
         for p in probs:
             r = payload["problems"][p]["results"][label]
             cells += [_lr(r), f"{r['final_loss_mean']:.3g} ± {r['final_loss_se']:.1g}"]
+            cells.append(f"{start_lr(r):.2g}")
             lrs = [s["lr"] for s in r["sweep"]]
             grids.append(f"{p} {lrs[0]:.2g}-{lrs[-1]:.2g}")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'; '.join(grids)} |")

@@ -187,7 +187,8 @@ def render_lr_sweep(payload: dict[str, Any]) -> str:
         f"{payload['factor']:g}, grown on a side while the best rate sits on that edge (at most "
         f"{payload['max_rates']} rates). Best rate by mean final validation loss; loss ± "
         "standard error over the seeds at that rate; `+`/`-`: the best rate is the top/bottom "
-        "of the grid swept. Every (configuration, rate, seed) final loss is in the JSON.\n\n"
+        "of the grid swept; start at: the smallest rate swept within one standard error of the "
+        "best. Every (configuration, rate, seed) final loss is in the JSON.\n\n"
         + "\n".join(lines)
         + f"\n\nThe whole sweep took {payload['seconds'] / 60:.0f} min on this machine (shared "
         "with other jobs).\n\n"

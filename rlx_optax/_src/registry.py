@@ -55,7 +55,8 @@ class Algorithm:
       golden_tol: tolerance of the golden parity tests (relative to the displacement).
       train_lr: a learning rate that trains small networks from scratch (the demo's rate and
         the centre of the benchmarks' sweeps; measured on the char-level transformer of
-        `examples/charlm.py`). None: a tenth of `contract_lr`.
+        `examples/charlm.py` by `benchmarks/lr_sweep.py`: the smallest rate of its grid within
+        one standard error of the best). None: a tenth of `contract_lr`.
     """
 
     name: str
@@ -145,7 +146,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adamw",
-        train_lr=0.009,
+        train_lr=0.003,
         factory=_adam.adamw,
         stateful="AdamW",
         crate_counter=True,
@@ -157,7 +158,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="nadamw",
-        train_lr=0.009,
+        train_lr=0.003,
         factory=_nadamw.nadamw,
         stateful="NAdamW",
         crate_counter=True,
@@ -180,7 +181,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="qhadamw",
-        train_lr=0.009,
+        train_lr=0.003,
         factory=_qhadamw.qhadamw,
         stateful="QHAdamW",
         crate_counter=True,
@@ -200,7 +201,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="lamb",
-        train_lr=0.01,
+        train_lr=0.0033,
         factory=_lamb.lamb,
         stateful="Lamb",
         crate_counter=True,
@@ -220,7 +221,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="lion",
-        train_lr=0.003,
+        train_lr=0.001,
         factory=_lion.lion,
         stateful="Lion",
         crate_builders=_BETAS_WD,
@@ -233,7 +234,6 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="sophia",
-        train_lr=0.03,
         factory=_sophia.sophia,
         stateful="Sophia",
         crate_counter=True,
@@ -346,7 +346,7 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     ),
     Algorithm(
         name="adafactor",
-        train_lr=0.005,
+        train_lr=0.0017,
         factory=_adafactor.adafactor,
         stateful="Adafactor",
         crate_counter=True,
@@ -460,8 +460,8 @@ class Configuration:
       label: ``"<name>"`` for the defaults, ``"<name>/<preset>"`` for a preset.
       algorithm: the row's factory name.
       kwargs: factory arguments besides the learning rate.
-      train_lr: the preset's own `Algorithm.train_lr` when its best rate differs from the
-        defaults' (measured by `benchmarks/lr_sweep.py`); None: the row's.
+      train_lr: the preset's own `Algorithm.train_lr` when its rate differs from the
+        defaults' (measured the same way, by `benchmarks/lr_sweep.py`); None: the row's.
     """
 
     label: str
@@ -486,7 +486,7 @@ PRESETS: tuple[Configuration, ...] = (
         "adafactor/reference", "adafactor", _frozen({"behaviour": "reference"}), train_lr=0.015
     ),
     Configuration("muon/reference", "muon", _frozen({"behaviour": "reference"}), train_lr=0.02),
-    Configuration("mars/shampoo", "mars", _frozen({"variant": "shampoo"}), train_lr=0.045),
+    Configuration("mars/shampoo", "mars", _frozen({"variant": "shampoo"}), train_lr=0.015),
     Configuration("soap/reference", "soap", _frozen({"behaviour": "reference"})),
     Configuration(
         "kron_psgd/reference", "kron_psgd", _frozen({"behaviour": "reference"}), train_lr=0.003

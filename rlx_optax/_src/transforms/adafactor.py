@@ -470,7 +470,8 @@ def adafactor(
 
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
-      >>> # manual rates: 5e-3, 1.5e-2 with behaviour="reference" (README, learning-rate table)
+      >>> # manual rates: 2e-3 to 5e-3, 1.5e-2 with behaviour="reference"
+      >>> # (README, learning-rate table)
       >>> tx = rlx_optax.adafactor()  # relative step size
       >>> params = {"w": jnp.full((2, 3), 0.5), "b": jnp.zeros(3)}
       >>> state = tx.init(params)

@@ -187,7 +187,7 @@ def scale_by_lamb(
         decay_on = resolve(weight_decay_mask, params)
 
         # Pass 1 per leaf: the moments, and the terms of the trust ratios.
-        leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=common.is_empty)
         rest = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, params, trust_on, decay_on)]
         moments: list[Any] = [None] * len(leaves)
         # The trust ratios of the leaves of one dtype are computed together on accelerators
@@ -197,7 +197,7 @@ def scale_by_lamb(
         batched = _batching.batching_enabled()
         trusted: dict[Any, list[int]] = {}  # leaf indices by group
         for i, g in enumerate(leaves):
-            if g is None:
+            if common.is_empty(g):
                 continue
             m, v, p, use_trust, use_decay = (r[i] for r in rest)
             g32, m, v = _moments.update_moments(g, m, v, b1, b2)
@@ -223,9 +223,9 @@ def scale_by_lamb(
             ratios |= {i: vector[k] for k, i in enumerate(group)}
 
         # Pass 2 per leaf: the update, scaled by the leaf's ratio.
-        u_leaves, mu_leaves, nu_leaves = ([None] * len(leaves) for _ in range(3))
+        u_leaves, mu_leaves, nu_leaves = (list(leaves) for _ in range(3))  # empties kept
         for i, g in enumerate(leaves):
-            if g is None:
+            if common.is_empty(g):
                 continue
             m, v, p32, scalars, direction = moments[i]
             r = direction(m, v, p32, scalars)
@@ -295,7 +295,7 @@ def lamb(
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
-      >>> # a toy rate; to train a network from scratch start at 1e-2 (README, learning-rate table)
+      >>> # a toy rate; networks train from scratch at 3e-3 to 1e-2 (README, learning-rate table)
       >>> tx = rlx_optax.lamb(0.1, weight_decay=0.0)
       >>> params = jnp.array([3.0, 4.0])
       >>> state = tx.init(params)

@@ -347,7 +347,8 @@ def sophia(
     Example:
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
       >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p["x"] ** 2)
-      >>> # a toy problem; for a network start at 3e-2 (README, learning-rate table)
+      >>> # a toy problem; for a network with Hutchinson estimates start at 1e-2
+      >>> # (README, learning-rate table)
       >>> tx = rlx_optax.sophia(1.0, b2=0.9, gamma=1.0, rho=1.0, weight_decay=0.0)
       >>> params = {"x": jnp.array([1.0, 1.0])}
       >>> state = tx.init(params)
