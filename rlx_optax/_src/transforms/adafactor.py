@@ -471,7 +471,7 @@ def adafactor(
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
       >>> # manual rates: 2e-3 to 5e-3, 1.5e-2 with behaviour="reference"
-      >>> # (README, learning-rate table)
+      >>> # (docs/guides/choosing.md)
       >>> tx = rlx_optax.adafactor()  # relative step size
       >>> params = {"w": jnp.full((2, 3), 0.5), "b": jnp.zeros(3)}
       >>> state = tx.init(params)

@@ -87,7 +87,7 @@ def adam(
 
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
-      >>> # a toy rate; to train a network from scratch start at 3e-3 (README, learning-rate table)
+      >>> # a toy rate; to train a network from scratch start at 3e-3 (docs/guides/choosing.md)
       >>> tx = rlx_optax.adam(0.1)
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
@@ -142,7 +142,7 @@ def adamw(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
-      >>> # 3e-3 to 1e-2 trains a network from scratch (README, learning-rate table)
+      >>> # 3e-3 to 1e-2 trains a network from scratch (docs/guides/choosing.md)
       >>> tx = rlx_optax.adamw(1e-2, weight_decay=0.1)
       >>> params = {"w": jnp.ones((2, 2))}
       >>> state = tx.init(params)

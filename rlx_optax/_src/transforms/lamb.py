@@ -295,7 +295,7 @@ def lamb(
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
-      >>> # a toy rate; networks train from scratch at 3e-3 to 1e-2 (README, learning-rate table)
+      >>> # a toy rate; networks train from scratch at 3e-3 to 1e-2 (docs/guides/choosing.md)
       >>> tx = rlx_optax.lamb(0.1, weight_decay=0.0)
       >>> params = jnp.array([3.0, 4.0])
       >>> state = tx.init(params)

@@ -114,7 +114,7 @@ def lion(
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
-      >>> # 1e-3 to 3e-3 trains a network from scratch (README, learning-rate table)
+      >>> # 1e-3 to 3e-3 trains a network from scratch (docs/guides/choosing.md)
       >>> tx = rlx_optax.lion(1e-3)
       >>> state = tx.init(jnp.zeros(3))
       >>> tx.update(jnp.array([0.5, -2.0, 0.0]), state)[0]

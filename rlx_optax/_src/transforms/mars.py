@@ -358,7 +358,7 @@ def mars(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
-      >>> # for a network start at 5e-3, variant="shampoo" at 1.5e-2 (README, learning-rate table)
+      >>> # for a network start at 5e-3, variant="shampoo" at 1.5e-2 (docs/guides/choosing.md)
       >>> tx = rlx_optax.mars(5e-3)
       >>> params = {"w": jnp.ones((2, 2))}
       >>> state = tx.init(params)

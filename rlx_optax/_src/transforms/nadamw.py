@@ -98,7 +98,7 @@ def nadamw(
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
-      >>> # a toy rate; to train a network from scratch start at 3e-3 (README, learning-rate table)
+      >>> # a toy rate; to train a network from scratch start at 3e-3 (docs/guides/choosing.md)
       >>> tx = rlx_optax.nadamw(1.0, weight_decay=0.0)
       >>> state = tx.init(jnp.zeros(2))
       >>> [round(float(u), 3) for u in tx.update(jnp.array([1.0, -1.0]), state)[0]]

@@ -107,7 +107,7 @@ def qhadamw(
 
     Example:
       >>> import jax.numpy as jnp, rlx_optax
-      >>> # a toy rate; to train a network from scratch start at 3e-3 (README, learning-rate table)
+      >>> # a toy rate; to train a network from scratch start at 3e-3 (docs/guides/choosing.md)
       >>> tx = rlx_optax.qhadamw(0.1, nu1=1.0, nu2=1.0, weight_decay=0.0)  # = Adam
       >>> state = tx.init(jnp.zeros(2))
       >>> tx.update(jnp.array([3.0, -0.5]), state)[0]

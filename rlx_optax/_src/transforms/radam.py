@@ -267,7 +267,7 @@ def radam(
     Example:
       >>> import jax.numpy as jnp, rlx_optax
       >>> # a toy rate; to train from scratch start at 3e-2, also with behaviour="reference"
-      >>> # (README, learning-rate table)
+      >>> # (docs/guides/choosing.md)
       >>> tx = rlx_optax.radam(1.0)
       >>> state = tx.init(jnp.zeros(2))
       >>> tx.update(jnp.array([1.0, -2.0]), state)[0]  # warm-up: -lr * m_hat

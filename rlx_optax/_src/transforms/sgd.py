@@ -95,7 +95,7 @@ def sgd(
 
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
-      >>> # sgd() (no momentum) trains a network from scratch at 0.3 (README, learning-rate table)
+      >>> # sgd() (no momentum) trains a network from scratch at 0.3 (docs/guides/choosing.md)
       >>> tx = rlx_optax.sgd(0.1, momentum=0.9, nesterov=True)
       >>> params = jnp.array([1.0, 2.0])
       >>> state = tx.init(params)

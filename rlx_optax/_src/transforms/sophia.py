@@ -348,7 +348,7 @@ def sophia(
       >>> import jax, jax.numpy as jnp, optax, rlx_optax
       >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p["x"] ** 2)
       >>> # a toy problem; for a network with Hutchinson estimates start at 1e-2
-      >>> # (README, learning-rate table)
+      >>> # (docs/guides/choosing.md)
       >>> tx = rlx_optax.sophia(1.0, b2=0.9, gamma=1.0, rho=1.0, weight_decay=0.0)
       >>> params = {"x": jnp.array([1.0, 1.0])}
       >>> state = tx.init(params)

@@ -155,7 +155,7 @@ def stiefel(
 
     Example:
       >>> import jax.numpy as jnp, optax, rlx_optax
-      >>> # to train a network from scratch start at 0.3 to 1 (README, learning-rate table)
+      >>> # to train a network from scratch start at 0.3 to 1 (docs/guides/choosing.md)
       >>> tx = rlx_optax.stiefel(0.1)
       >>> w = {"w": jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}
       >>> state = tx.init(w)
