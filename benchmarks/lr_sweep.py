@@ -16,8 +16,8 @@ infinite loss. Each (configuration, problem) compiles once: the rate and the see
 
 Run: ``python benchmarks/lr_sweep.py [--small] [--only LABEL ...] [--problems charlm digits]``;
 writes ``benchmarks/out/lr_sweep.json`` (``--json PATH`` elsewhere): every final loss per
-(configuration, problem, rate, seed). The run behind the README's table is committed as
-``benchmarks/results/lr_sweep.json``."""
+(configuration, problem, rate, seed). The run behind the learning-rate table of
+`docs/guides/choosing.md` is committed as ``benchmarks/results/lr_sweep.json``."""
 
 from __future__ import annotations
 
