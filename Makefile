@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint format clean
+.PHONY: test demo bench lint format clean docs docs-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# The documentation site (Sphinx): warnings are errors (broken references, pages left out).
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	@echo "site: docs/_build/html/index.html"
+
+# Builds the site, then opens it in headless Chromium (Debian's chromium, installed if missing).
+docs-check: docs
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pytest -m browser tests/test_docs.py -p no:cacheprovider -q
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rlx_optax tests benchmarks examples
 	$(VENV)/bin/ruff format --check rlx_optax tests benchmarks examples
@@ -31,4 +41,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix rlx_optax tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/api/generated docs/notebooks docs/benchmarks

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of the guides (docs/guides/*.md) run as written."""
 
 from __future__ import annotations
 
@@ -7,13 +7,27 @@ import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+BLOCKS = [
+    (page, i, code)
+    for page in PAGES
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+]
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
-    code = BLOCKS[index]
+def test_the_guides_have_examples():
+    names = {page.relative_to(ROOT).as_posix() for page, _, _ in BLOCKS}
+    assert {"README.md", "docs/guides/muon_nnx.md", "docs/guides/training.md"} <= names
+
+
+@pytest.mark.parametrize(
+    "page,index,code",
+    BLOCKS,
+    ids=[f"{page.relative_to(ROOT).as_posix()}[{i}]" for page, i, _ in BLOCKS],
+)
+def test_readme_block_runs(page, index, code):
     if "# not run" in code:
         pytest.skip("illustration only (marked '# not run')")
-    exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "readme"})
+    name = f"{page.relative_to(ROOT).as_posix()}[python block {index}]"
+    exec(compile(code, name, "exec"), {"__name__": "readme"})
