@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import rlx_optax
+from rlx_optax._src import trainer as trainer_module
 
 
 class MLP(nnx.Module):
@@ -69,17 +70,29 @@ def test_steps_match_a_plain_optax_loop():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def compiled_steps() -> int:
+    """Programs compiled so far by every Trainer (they share one jitted step function)."""
+    return trainer_module._jitted_step._cache_size()
+
+
 def test_step_is_donated_and_compiled_once():
-    trainer = rlx_optax.Trainer(MLP(nnx.Rngs(0)), injected_adamw(), xent)
+    tx = injected_adamw()
+    before = compiled_steps()
+    trainer = rlx_optax.Trainer(MLP(nnx.Rngs(0)), tx, xent)
     batch = next(iter(rlx_optax.DataLoader(toy_data(), 8)))
     trainer.train_step(batch)
     old_kernel = trainer.model.l1.kernel[...]
     trainer.train_step(batch)
     assert old_kernel.is_deleted()  # the state buffers were donated to the step
-    assert trainer._compiled[None]._cache_size() == 1
+    assert compiled_steps() == before + 1
+    # a second Trainer of the same model and transform (a resumed run) reuses the program
+    again = rlx_optax.Trainer(MLP(nnx.Rngs(0)), tx, xent)
+    again.train_step(batch)
+    assert compiled_steps() == before + 1
 
 
 def test_set_lr_takes_effect_without_recompiling():
+    programs = compiled_steps()
     model = nnx.Linear(3, 1, use_bias=False, rngs=nnx.Rngs(0))
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
     trainer = rlx_optax.Trainer(model, tx, lambda m, b: jnp.sum(m(b[0])))
@@ -91,7 +104,7 @@ def test_set_lr_takes_effect_without_recompiling():
         # d(sum(x @ W))/dW = x^T = ones: SGD adds -lr to every weight (one float32 add).
         np.testing.assert_array_equal(np.asarray(model.kernel[...]), before + np.float32(-lr))
         assert trainer.lr == np.float32(lr)
-    assert trainer._compiled[None]._cache_size() == 1
+    assert compiled_steps() == programs + 1
 
 
 def test_set_lr_without_injection_raises_clearly():
@@ -123,6 +136,7 @@ def test_hook_clips_like_the_logged_transform_and_returns_metrics():
         grads, norm = rlx_optax.clip_grad_norm(grads, 0.1)
         return grads, {"grad_norm": norm}
 
+    before = compiled_steps()
     hooked = rlx_optax.Trainer(MLP(nnx.Rngs(0)), injected_adamw(), xent)
     tx = optax.chain(rlx_optax.clip_by_global_norm_logged(0.1), injected_adamw())
     chained = rlx_optax.Trainer(MLP(nnx.Rngs(0)), tx, xent)
@@ -134,7 +148,7 @@ def test_hook_clips_like_the_logged_transform_and_returns_metrics():
         assert float(metrics["grad_norm"]) > 0.1  # the hook really clipped
     for a, b in zip(leaves(nnx.state(hooked.model)), leaves(nnx.state(chained.model)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert hooked._compiled[clip_hook]._cache_size() == 1
+    assert compiled_steps() == before + 2  # one program per trainer, whatever the batches
 
 
 def test_has_aux_metrics():
@@ -149,6 +163,7 @@ def test_has_aux_metrics():
 
 
 def test_fit_applies_the_scheduler_and_reports(capsys):
+    before = compiled_steps()
     trainer = rlx_optax.Trainer(MLP(nnx.Rngs(0)), injected_adamw(0.05), xent, log_every=2)
     sched = rlx_optax.CosineAnnealingLR(0.05, t_max=3, eta_min=0.001, warmup_epochs=1)
     loader = rlx_optax.DataLoader(toy_data(), 8, shuffle=True, seed=1)
@@ -169,7 +184,7 @@ def test_fit_applies_the_scheduler_and_reports(capsys):
     assert [h["epoch"] for h in history] == list(range(5)) and trainer.epoch == 5
     assert sched.epoch == 5 and loader.epoch == 5
     assert history[-1]["loss"] < history[1]["loss"] and "eval_loss" in history[0]
-    assert trainer._compiled[norm_hook]._cache_size() == 1  # lr changes never recompile
+    assert compiled_steps() == before + 1  # lr changes never recompile
     err = capsys.readouterr().err
     assert "epoch 4" in err and "loss=" in err and "it/s" in err
 

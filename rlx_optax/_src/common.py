@@ -256,7 +256,8 @@ def check_state(
             f"{_describe(state)}. Pass the state that this optimizer's init made (within "
             "optax.chain, the chain's own state)."
         )
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)
+    # a masked-out gradient (`optax.MaskedNode`) may face None in the state: both are "no leaf"
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_empty)
     check_params(updates, algorithm, "gradient")
     columns: list[tuple[str, Any]] = []
     for name in trees + per_axis:
@@ -275,6 +276,14 @@ def check_state(
                     "state made by this optimizer's init for these parameters?"
                 ) from None
         columns.append((name, flat if name in per_axis else flat[0]))
+        # the gradients' empty places in the state too (nnx hands a MaskedNode back as None)
+        same = [
+            treedef.unflatten(
+                [g if is_empty(g) else x for (_, g), x in zip(leaves, f, strict=True)]
+            )
+            for f in flat
+        ]
+        checked = checked._replace(**{name: tuple(same) if name in per_axis else same[0]})
     if params is not None:
         try:
             columns.append(("params", treedef.flatten_up_to(params)))
@@ -421,24 +430,32 @@ def zeros_like_tree(params: optax.Params, dtype: Any = None) -> optax.Params:
     return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype), params)
 
 
+def is_empty(x: Any) -> bool:
+    """A place of a tree with no leaf: None, or `optax.MaskedNode` (what `optax.masked` puts
+    where its mask is False). Frameworks may hand one back as the other: `flax.nnx.Optimizer`
+    returns the state's MaskedNodes as None, while the gradients keep them."""
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
 def tree_map_none(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """`jax.tree.map` that leaves `None` leaves of the first tree as `None`."""
+    """`jax.tree.map` that leaves the empty places (`is_empty`) of the first tree as they are."""
     return jax.tree.map(
-        lambda x, *r: None if x is None else fn(x, *r), tree, *rest, is_leaf=lambda x: x is None
+        lambda x, *r: x if is_empty(x) else fn(x, *r), tree, *rest, is_leaf=is_empty
     )
 
 
 def tree_map_multi(fn: Callable[..., tuple], n_out: int, tree: Any, *rest: Any) -> tuple:
     """Map `fn` (returning `n_out` arrays) over leaves; return `n_out` trees.
 
-    `None` leaves of `tree` give `None` in every output, so masked-out or frozen leaves pass
-    through. `rest` must have the structure of `tree` (with `None` at the same places).
+    Empty places of `tree` (None, `optax.MaskedNode`: see `is_empty`) are kept as they are in
+    every output, so masked-out or frozen leaves pass through. `rest` must have the structure of
+    `tree` (anything at its empty places).
     """
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
-    outs: list[list[Any]] = [[None] * len(leaves) for _ in range(n_out)]
+    outs: list[list[Any]] = [list(leaves) for _ in range(n_out)]
     for i, leaf in enumerate(leaves):
-        if leaf is None:
+        if is_empty(leaf):
             continue
         result = fn(leaf, *(o[i] for o in others))
         for k in range(n_out):

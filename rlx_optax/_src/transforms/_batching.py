@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from rlx_optax._src import common
+
 _FORCED: list[bool] = []
 
 
@@ -92,23 +94,23 @@ def grouped_map(
 ) -> tuple:
     """`common.tree_map_multi` with same-shaped leaves batched under `jax.vmap`.
 
-    `fn(leaf, *others)` returns `n_out` pytrees (arrays, tuples of arrays, None). Leaves of
-    `tree` that are None give None in every output. The leaves whose argument tuples
-    ``(leaf, *others)`` have the same pytree structure, array shapes and dtypes, and equal
-    non-array values form a group; a group of at least `min_group` leaves runs as one call
-    of ``jax.vmap(fn)`` over stacked arrays (non-array values are passed as they are).
-    `fn` must not keep Python state between calls (a group makes one call). On the CPU
-    backend every leaf runs alone (see the module docstring) unless batching is forced.
+    `fn(leaf, *others)` returns `n_out` pytrees (arrays, tuples of arrays, None). Empty places
+    of `tree` (None, `optax.MaskedNode`) are kept as they are in every output. The leaves whose
+    argument tuples ``(leaf, *others)`` have the same pytree structure, array shapes and dtypes,
+    and equal non-array values form a group; a group of at least `min_group` leaves runs as one
+    call of ``jax.vmap(fn)`` over stacked arrays (non-array values are passed as they are). `fn`
+    must not keep Python state between calls (a group makes one call). On the CPU backend every
+    leaf runs alone (see the module docstring) unless batching is forced.
     """
     if not batching_enabled():
-        min_group = len(jax.tree.leaves(tree, is_leaf=lambda x: x is None)) + 1
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+        min_group = len(jax.tree.leaves(tree, is_leaf=common.is_empty)) + 1
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
-    outs: list[list[Any]] = [[None] * len(leaves) for _ in range(n_out)]
+    outs: list[list[Any]] = [list(leaves) for _ in range(n_out)]
     groups: dict[Any, list[int]] = {}
     flat_args: dict[int, tuple[list[Any], Any]] = {}
     for i, leaf in enumerate(leaves):
-        if leaf is None:
+        if common.is_empty(leaf):
             continue
         args = (leaf, *(o[i] for o in others))
         flat, struct = jax.tree.flatten(args)

@@ -17,38 +17,39 @@ from typing import Any
 
 import jax
 
-
-def _is_none(x: Any) -> bool:
-    return x is None
+from rlx_optax._src import common
 
 
 def by_axis(per_leaf: Any, like: Any) -> tuple[Any, ...]:
     """Per-leaf tuples (or None) placed at the leaves of `like` -> one tree per axis.
 
-    The number of trees is the largest tuple; shorter tuples and None leaves give None.
+    The number of trees is the largest tuple; shorter tuples give None; an empty place of
+    `like` (None, `optax.MaskedNode`) stays as it is in every tree.
     """
-    _, treedef = jax.tree.flatten(like, is_leaf=_is_none)
+    _, treedef = jax.tree.flatten(like, is_leaf=common.is_empty)
     entries = treedef.flatten_up_to(per_leaf)
-    width = max((len(e) for e in entries if e is not None), default=0)
+    width = max((len(e) for e in entries if not common.is_empty(e)), default=0)
     return tuple(
-        treedef.unflatten([None if e is None or k >= len(e) else e[k] for e in entries])
+        treedef.unflatten(
+            [e if common.is_empty(e) else e[k] if k < len(e) else None for e in entries]
+        )
         for k in range(width)
     )
 
 
 def by_leaf(per_axis: tuple[Any, ...], like: Any, ndim: Any = None) -> Any:
-    """The inverse of `by_axis`: one tuple per non-None leaf of `like`, None elsewhere.
+    """The inverse of `by_axis`: one tuple per leaf of `like`; its empty places kept.
 
     A leaf's tuple has one entry per axis: ``ndim(leaf)`` entries (the leaf's rank by default;
     SOAP passes its working rank).
     """
-    leaves, treedef = jax.tree.flatten(like, is_leaf=_is_none)
+    leaves, treedef = jax.tree.flatten(like, is_leaf=common.is_empty)
     columns = [treedef.flatten_up_to(tree) for tree in per_axis]
     rank = ndim or (lambda x: x.ndim)
     out = []
     for i, x in enumerate(leaves):
-        if x is None:
-            out.append(None)
+        if common.is_empty(x):
+            out.append(x)
             continue
         n = rank(x)
         out.append(tuple(columns[k][i] if k < len(columns) else None for k in range(n)))

@@ -336,12 +336,14 @@ def scale_by_kron_psgd(
             return p.astype(g.dtype), factors
 
         # the i-th preconditioned leaf (in flattening order) probes with the i-th key
-        flat_u, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        flat_u, treedef = jax.tree.flatten(updates, is_leaf=common.is_empty)
         per_leaf_factors = _per_axis.by_leaf(state.factors, updates)
         flat_f = treedef.flatten_up_to(per_leaf_factors)
         probe_keys, used = [], 0
         for g, f in zip(flat_u, flat_f, strict=True):
-            take = leaf_keys is not None and g is not None and any(q is not None for q in f)
+            take = (
+                leaf_keys is not None and not common.is_empty(g) and any(q is not None for q in f)
+            )
             probe_keys.append(leaf_keys[used] if take else None)
             used += take
         # Same-shaped leaves run as one batched computation (`grouped_map`).

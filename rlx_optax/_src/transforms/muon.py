@@ -198,6 +198,7 @@ def scale_by_muon(
 
     def update_fn(updates, state, params=None):
         del params
+        state = common.check_state("muon", state, MuonState, updates, ("mu",))
         d, mu = common.tree_map_multi(momentum_leaf, 2, updates, state.mu)
 
         spec = None
@@ -213,7 +214,7 @@ def scale_by_muon(
             return perm, (math.prod(view[:-2]), *view[-2:]) if len(view) > 2 else view
 
         def view_of(path, x):
-            if x is None:
+            if common.is_empty(x):
                 return None
             if spec is not None:
                 pv = explicit_view(path, x.shape)
@@ -221,14 +222,14 @@ def scale_by_muon(
             view = _matrix_shape(x.shape, layout, flatten_conv)
             return None if view is None else x.reshape(view)
 
-        views = jax.tree_util.tree_map_with_path(view_of, d, is_leaf=lambda x: x is None)
+        views = jax.tree_util.tree_map_with_path(view_of, d, is_leaf=common.is_empty)
         # Newton-Schulz runs once per group of same-shaped matrices (one batched product
         # chain per shape, `grouped_map`), not once per leaf.
         (o,) = _batching.grouped_map(orthogonalise, 1, views)
 
         def finish(path, g, d, o):
-            if g is None:
-                return None
+            if common.is_empty(g):
+                return g
             if o is None:
                 return d.astype(g.dtype)
             rows, cols = o.shape[-2:]
@@ -243,7 +244,7 @@ def scale_by_muon(
                 inverse[a] = i
             return jnp.transpose(o, inverse).astype(g.dtype)
 
-        u = jax.tree_util.tree_map_with_path(finish, updates, d, o, is_leaf=lambda x: x is None)
+        u = jax.tree_util.tree_map_with_path(finish, updates, d, o, is_leaf=common.is_empty)
         mu = optax.tree.cast_like(mu, state.mu)
         return u, MuonState(count=optax.safe_increment(state.count), mu=mu)
 
