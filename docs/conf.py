@@ -52,7 +52,8 @@ nb_merge_streams = True
 
 html_theme = "furo"
 html_title = f"rlx_optax {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["rlx.css"]
 html_show_sourcelink = False
 
 suppress_warnings = ["myst.header"]
