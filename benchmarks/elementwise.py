@@ -2,7 +2,7 @@
 
 Every registry row without a matrix path is timed on a model of about 10M float32 parameters
 (a few matrices and vectors), and reported as two ratios measured in the same process
-(README, Benchmarks):
+(docs/guides/benchmarks.md):
 
 - ``ours/floor``: step time over the memory-traffic floor, the bytes a single fused pass must
   read and write (params read+write, gradient read, every parameter-sized state buffer

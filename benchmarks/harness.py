@@ -1,7 +1,7 @@
 """Timing primitives shared by every benchmark: one clock, one bandwidth and one GEMM probe.
 
-Benchmarks report ratios measured in one run on one machine (see the README,
-"Benchmarks"), never bare times: the floors below are measured in the same process.
+Benchmarks report ratios measured in one run on one machine (see
+docs/guides/benchmarks.md), never bare times: the floors below are measured in the same process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Muon and Adafactor: step time of a jitted, donated ``update + apply_updates``, as ratios.
 
-Measured in one process (README, Benchmarks):
+Measured in one process (docs/guides/benchmarks.md):
 
 - Muon on one (1024, 1024) and one (1024, 4096) matrix: ``ours/floor``, step time over the
   matmul floor (the Newton-Schulz FLOPs, ``steps * (4 r^2 k + 2 r^3)`` for r <= k, divided by

@@ -1,6 +1,6 @@
 """Sophia and MARS: step time against the memory-traffic floor, and Sophia's estimator cost.
 
-Element-wise style (README, Benchmarks): a jitted, donated ``update +
+Element-wise style (docs/guides/benchmarks.md): a jitted, donated ``update +
 apply_updates`` on about 10M float32 parameters, divided by the bytes one fused pass must move
 over the copy bandwidth measured in the same run. optax has no MARS and its contrib Sophia runs
 its own estimator inside `update` (a different contract), so the peer reported is optax.adamw,

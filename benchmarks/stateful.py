@@ -1,6 +1,6 @@
 """The stateful (crate-style) API: dispatch overhead and `step_batch` against the pure step.
 
-Measured in one process (README, Benchmarks):
+Measured in one process (docs/guides/benchmarks.md):
 
 - ``dispatch``: one ``AdamW.step`` on a 1,000-element float32 tensor (NumPy in place, and JAX
   arrays), next to the jitted pure ``update + apply_updates`` call on the same tensor; the

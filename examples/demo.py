@@ -45,7 +45,7 @@ from rlx_optax._src import registry  # noqa: E402
 
 DEFAULT_OPTIMIZERS = ("adamw", "muon", "soap", "kron_psgd")
 # Reference Kron's step is RMS-normalised (clip_mode="rms"), so its rate is on Adam's scale,
-# not the crate mode's `train_lr`; measured on this model (see the README, "The demo").
+# not the crate mode's `train_lr`; measured on this model (see docs/guides/training.md, "The demo").
 KRON_REFERENCE_LR = 0.003
 
 
