@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -247,3 +248,13 @@ def test_checkpoints_of_release_0_1_0_restore():
             key = label + jax.tree_util.keystr(path)
             np.testing.assert_array_equal(np.asarray(value), stored[key], err_msg=key)
         run(BY_LABEL[label], model, optimizer, range(SPLIT, 2 * SPLIT))
+
+
+def test_checkpointing_guide_runs():
+    """The examples of docs/checkpointing.md, in order, in one namespace."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "checkpointing.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/checkpointing.md", "exec"), namespace)  # noqa: S102
