@@ -61,6 +61,24 @@ def test_readme_is_a_short_front_page_linking_every_guide():
             assert (ROOT / link.split("#")[0]).exists(), link
 
 
+def test_docs_pages_link_files_that_exist_in_the_repository():
+    """Relative links work where the Markdown is read directly (GitHub), not only on the site."""
+    pages = [*DOCS.glob("*.md"), *DOCS.glob("guides/*.md")]
+    assert pages
+    for page in pages:
+        for link in _links(page.read_text()):
+            if link.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            assert (page.parent / link.split("#")[0]).exists(), (page.name, link)
+
+
+def test_every_public_name_has_a_docstring():
+    import inspect
+
+    missing = [n for n in rlx_optax.__all__ if not inspect.getdoc(getattr(rlx_optax, n))]
+    assert not missing
+
+
 def test_site_front_page_links_every_guide():
     index = (DOCS / "index.md").read_text()
     links = _links(index)

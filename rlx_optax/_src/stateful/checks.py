@@ -1,6 +1,6 @@
 """Validation of the stateful API's inputs: every check runs before any state changes.
 
-Rules (docs/guides/porting.md, "The rules it enforces"):
+Rules (docs/guides/porting.md, "The rules the classes enforce"):
 
 - `grad` has the logical `shape`, the param's own shape, or is flat (the crate takes flat
   slices); any other shape of the same size is an error, not a reshape.
