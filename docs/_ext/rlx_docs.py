@@ -98,10 +98,21 @@ def _directive(name: str) -> str:
 
     obj = getattr(rlx_optax, name)
     if inspect.ismodule(obj):
-        return (
-            f".. automodule:: rlx_optax.{name}\n   :members:\n   :undoc-members:\n"
-            "   :member-order: bysource\n"
-        )
+        # Documented from its defining module, so that autodoc reads the ``#:`` comments of
+        # its tables (shown without their values, which are long); the page tells how to
+        # import it.
+        mod = obj.__name__
+        out = [f"Import it as ``rlx_optax.{name}``.\n", f".. automodule:: {mod}\n"]
+        for member, value in vars(obj).items():
+            if member.startswith("_"):
+                continue
+            if inspect.isclass(value) and value.__module__ == mod:
+                out.append(f".. autoclass:: {mod}.{member}\n   :members:\n")
+            elif inspect.isfunction(value) and value.__module__ == mod:
+                out.append(f".. autofunction:: {mod}.{member}\n")
+            elif member.isupper():
+                out.append(f".. autodata:: {mod}.{member}\n   :no-value:\n")
+        return "\n".join(out)
     if isinstance(obj, type):
         if issubclass(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple state
             fields = ", ".join(f"``{f}``" for f in obj._fields)
@@ -254,6 +265,17 @@ def _source_read(app, docname, source):
     source[0] = _LINK.sub(fix, source[0])
 
 
+def _process_signature(app, what, name, obj, options, signature, return_annotation):
+    # Defaults whose repr no signature parser reads (the whole signature would then print as
+    # raw text): a dataclass field's ``<factory>`` shows as ``...``, a class default such as
+    # ``<class 'flax.nnx.variablelib.Param'>`` by its name.
+    if not signature or "<" not in signature:
+        return None
+    signature = signature.replace("<factory>", "...")
+    signature = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", signature)
+    return signature, return_annotation
+
+
 def _builder_inited(app):
     copy_sources()
     write_api_pages()
@@ -263,5 +285,6 @@ def setup(app):
     app.add_html_math_renderer("mathml", (_visit_math, None), (_visit_displaymath, None))
     app.connect("builder-inited", _builder_inited)
     app.connect("source-read", _source_read)
+    app.connect("autodoc-process-signature", _process_signature)
     app.connect("missing-reference", _missing_reference)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
