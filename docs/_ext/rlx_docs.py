@@ -78,6 +78,10 @@ def _groups():
         ("Muon parameter labelling", lambda n: n in {"MuonLabels", "MatrixAxes"}),
         ("Sophia's Hessian estimates", lambda n: n.endswith("_diag") or n.startswith("sophia_")),
         ("Matrix operations (linalg)", lambda n: n in {"newton_schulz", "retract_stiefel"}),
+        (
+            "Low-precision state (quantisation, stochastic rounding)",
+            lambda n: "quantiz" in n.lower() or "stochastic" in n,
+        ),
         ("Gradient clipping", lambda n: "clip" in n or n == "l2_norm"),
         (
             "Learning-rate schedulers",
