@@ -253,8 +253,22 @@ def _outside_target(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
+def _unlisted_pages(index: str) -> list[str]:
+    """Pages at the top of docs/ that index.md neither lists nor links (a page a colleague
+    has just added): they go under "More" in the navigation rather than break the build."""
+    pages = sorted(p.stem for p in DOCS.glob("*.md") if p.stem != "index")
+    return [
+        p for p in pages if not re.search(rf"^{re.escape(p)}$|\({re.escape(p)}\.md", index, re.M)
+    ]
+
+
 def _source_read(app, docname, source):
     here = (DOCS / docname).parent
+    if docname == "index":
+        extra = _unlisted_pages(source[0])
+        if extra:
+            source[0] += "\n```{toctree}\n:caption: More\n:maxdepth: 1\n:hidden:\n\n"
+            source[0] += "\n".join(extra) + "\n```\n"
 
     def fix(match):
         target = match.group(1)
