@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 # The documentation site (Sphinx): warnings are errors (broken references, pages left out).
 docs: $(STAMP)
-	$(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	$(PY) -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
 	@echo "site: docs/_build/html/index.html"
 
 # Builds the site, then opens it in headless Chromium (Debian's chromium, installed if missing).

@@ -33,7 +33,11 @@ BENCH_OUT = DOCS / "benchmarks"
 def _mathml(latex: str, display: str) -> str:
     from latex2mathml.converter import convert
 
-    return convert(latex.strip(), display=display)
+    latex = latex.strip()
+    if display == "block" and ("\\\\" in latex or "&" in latex) and "\\begin" not in latex:
+        # Several lines or alignment points: a split environment, as Sphinx gives MathJax.
+        latex = "\\begin{split}" + latex + "\\end{split}"
+    return convert(latex, display=display)
 
 
 def _visit_math(self, node):
