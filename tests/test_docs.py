@@ -115,6 +115,8 @@ def test_site_builds_without_warnings(tmp_path):
         assert guide.replace(".md", ".html") in index, guide
     # Docstring math is MathML (no script needed); the notebooks keep their outputs.
     assert "<math" in (html / "api" / "generated" / "adamw.html").read_text()
+    for page in (html / "api" / "generated").glob("*.html"):
+        assert "<mi>&</mi>" not in page.read_text(), f"{page.name}: an unaligned '&' in math"
     comparison = (html / "notebooks" / "optimizer_comparison.html").read_text()
     assert "<img" in comparison
     print(f"site built in {seconds:.1f} s")
