@@ -111,6 +111,8 @@ def test_site_builds_without_warnings(tmp_path):
     for name in rlx_optax.__all__:
         assert (html / "api" / "generated" / f"{name}.html").exists(), name
     index = (html / "index.html").read_text()
+    for name in rlx_optax.registry.names():  # the families table links every factory's page
+        assert f"api/generated/{name}.html" in index, name
     for guide in GUIDES:
         assert guide.replace(".md", ".html") in index, guide
     # Docstring math is MathML (no script needed); the notebooks keep their outputs.
