@@ -14,7 +14,15 @@ the jitted ``update + apply_updates`` that donates params and state:
 - ``temp_over_params``: the temporaries alone. A lax.cond branch's buffer counts whether or
   not it runs (LAMB's masked-norm fallback, taken only for non-finite gradients).
 
-Run: ``python benchmarks/memory.py [--small]``; writes ``benchmarks/out/memory.json``.
+``--precision`` instead tabulates the state bytes per parameter of every family with its
+moments in float32 (the default), bfloat16 (stochastic rounding) and 8-bit block-wise (``"q8"``)
+storage, where the family offers it, on the transformer tree of `benchmarks/model.py` (d=256,
+4 layers: 3.1M parameters); the bytes are counted from the state pytree itself (every array
+leaf, the per-block scales of quantized moments included). Writes
+``benchmarks/out/memory_precision.json``.
+
+Run: ``python benchmarks/memory.py [--small] [--precision]``; writes
+``benchmarks/out/memory.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 try:
     from benchmarks import elementwise, harness
@@ -62,6 +71,88 @@ def measure(tx, params: Any, grads: Any, extra: dict[str, Any]) -> dict[str, flo
         "peak_over_params": peak / param_bytes,
         "temp_over_params": mem.temp_size_in_bytes / param_bytes,
     }
+
+
+# The storage arguments per family: bf16 (with stochastic rounding where the family has it)
+# and 8-bit; None where the family has no such option. "mu only": the family stores only its
+# first moment in the chosen dtype (its other state is float32 or matrix statistics).
+_BF16 = jnp.bfloat16
+_TWO_MOMENTS = {
+    "bf16": {"mu_dtype": _BF16, "nu_dtype": _BF16, "stochastic_rounding": True},
+    "q8": {"mu_dtype": "q8", "nu_dtype": "q8"},
+}
+PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
+    **{name: _TWO_MOMENTS for name in ("adam", "adamw", "nadamw", "radam", "qhadamw", "lamb")},
+    "sgd": {
+        "bf16": {"accumulator_dtype": _BF16, "stochastic_rounding": True},
+        "q8": {"accumulator_dtype": "q8"},
+    },
+    "lion": {
+        "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
+        "q8": {"mu_dtype": "q8"},
+    },
+    "sophia": {
+        "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
+        "q8": {"mu_dtype": "q8"},
+    },
+    # mu_dtype without stochastic rounding or quantization (matrix families, not yet wired)
+    **{name: {"bf16": {"mu_dtype": _BF16}, "q8": None} for name in ("muon", "mars", "kron_psgd")},
+    **{name: {"bf16": None, "q8": None} for name in ("soap", "adafactor", "stiefel")},
+}
+PARTIAL = {
+    "sophia": "mu only (h float32)",
+    "muon": "mu only",
+    "mars": "mu only",
+    "kron_psgd": "mu only",
+}
+
+
+def state_bytes(tx, params: Any) -> int:
+    """Bytes of every array leaf of `tx.init(params)` (shapes only, nothing allocated)."""
+    state = jax.eval_shape(tx.init, params)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "size"))
+
+
+def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
+    try:
+        from benchmarks import model
+    except ImportError:  # run as a script
+        import model  # type: ignore[no-redef]
+
+    shapes = model.model_shapes(d, layers)
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    n = elementwise.n_params(params)
+    results = []
+    for row in registry.ALGORITHMS:
+        base, _ = elementwise.OPTAX_PEERS.get(row.name, ({}, None))  # sgd: momentum 0.9
+        entry: dict[str, Any] = {"name": row.name}
+        for label, extra in (("float32", {}), *PRECISIONS[row.name].items()):
+            if extra is None:
+                entry[label] = None
+                continue
+            entry[label] = state_bytes(row.factory(LR, **base, **extra), params) / n
+        entry["note"] = PARTIAL.get(row.name, "")
+        results.append(entry)
+    return {
+        "benchmark": "memory_precision",
+        "n_params": n,
+        "d": d,
+        "layers": layers,
+        "results": results,
+    }
+
+
+def precision_table(payload: dict[str, Any]) -> str:
+    lines = [
+        "| algorithm | float32 | bf16 | 8-bit (q8) | note |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in payload["results"]:
+        cells = [
+            "not supported" if r[k] is None else f"{r[k]:.3f}" for k in ("float32", "bf16", "q8")
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['note']} |")
+    return "\n".join(lines)
 
 
 def run(scale: float = 1.0, names: list[str] | None = None) -> dict[str, Any]:
@@ -115,7 +206,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     ap.add_argument("--only", nargs="*", help="registry names (default: all)")
+    ap.add_argument(
+        "--precision", action="store_true", help="state bytes per parameter by state dtype"
+    )
     args = ap.parse_args(argv)
+    if args.precision:
+        payload = run_precision(*((32, 2) if args.small else (256, 4)))
+        path = harness.write_json("memory_precision", payload)
+        print(precision_table(payload))
+        print(f"({payload['n_params'] / 1e6:.2f}M params; wrote {path.name})")
+        return payload
     payload = run(0.001 if args.small else 1.0, args.only)
     path = harness.write_json("memory", payload)
     print(table(payload))

@@ -12,6 +12,11 @@ from rlx_optax._src.schedules import EpochScheduler as EpochScheduler
 from rlx_optax._src.schedules import StepLR as StepLR
 from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
 from rlx_optax._src.stateful import Optimizer as Optimizer
+from rlx_optax._src.transforms._lowbit import QuantizedArray as QuantizedArray
+from rlx_optax._src.transforms._lowbit import apply_updates_stochastic as apply_updates_stochastic
+from rlx_optax._src.transforms._lowbit import dequantize_blockwise as dequantize_blockwise
+from rlx_optax._src.transforms._lowbit import quantize_blockwise as quantize_blockwise
+from rlx_optax._src.transforms._lowbit import stochastic_round as stochastic_round
 from rlx_optax._src.transforms.adafactor import AdafactorState as AdafactorState
 from rlx_optax._src.transforms.adafactor import adafactor as adafactor
 from rlx_optax._src.transforms.adafactor import scale_by_adafactor as scale_by_adafactor
@@ -125,6 +130,7 @@ __all__ = [
     "NAdamWState",
     "QHAdamWState",
     "RAdamState",
+    "QuantizedArray",
     "SgdState",
     "SoapState",
     "SophiaState",
@@ -133,9 +139,11 @@ __all__ = [
     "adafactor",
     "adam",
     "adamw",
+    "apply_updates_stochastic",
     "clip_by_global_norm_logged",
     "clip_grad_norm",
     "constant_hessian_diag",
+    "dequantize_blockwise",
     "gauss_newton_bartlett_diag",
     "global_grad_clip_scale",
     "hutchinson_diag",
@@ -148,6 +156,7 @@ __all__ = [
     "nadamw",
     "newton_schulz",
     "qhadamw",
+    "quantize_blockwise",
     "radam",
     "registry",
     "retract_stiefel",
@@ -173,6 +182,7 @@ __all__ = [
     "sophia",
     "sophia_update_hessian",
     "stiefel",
+    "stochastic_round",
 ]
 
 # The crate-style classes (Sgd, AdamW, Muon, ...): one per registered algorithm, generated.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _lowbit
 
 
 class MomentContext(NamedTuple):
@@ -38,12 +39,37 @@ def update_moments(g: jax.Array, m: jax.Array, v: jax.Array, b1: Any, b2: Any):
     return g, b1 * m.astype(ct) + (1 - b1) * g, b2 * v.astype(ct) + (1 - b2) * a * a
 
 
-def init_moments(state_cls: type, params: optax.Params, mu_dtype: Any) -> Any:
+def init_moments(state_cls: type, params: optax.Params, mu_dtype: Any, nu_dtype: Any = None) -> Any:
     return state_cls(
         count=jnp.zeros([], jnp.int32),
-        mu=common.zeros_like_tree(params, mu_dtype),
-        nu=common.zeros_like_tree(params),
+        mu=_lowbit.init_tree(params, mu_dtype, signed=True),
+        nu=_lowbit.init_tree(params, nu_dtype, signed=False),
     )
+
+
+def check_dtypes(mu_dtype: Any, nu_dtype: Any = None) -> None:
+    _lowbit.check_storage("mu_dtype", mu_dtype)
+    _lowbit.check_storage("nu_dtype", nu_dtype)
+
+
+def read_write_moments(
+    g: jax.Array,
+    m: Any,
+    v: Any,
+    b1: Any,
+    b2: Any,
+    step: jax.Array,
+    leaf: int,
+    stochastic_rounding: bool,
+):
+    """`update_moments` on stored moments (any storage of `_lowbit`): returns
+    `(g, m', v')` in the compute dtype and the new stored moments `(m_s, v_s)`."""
+    ct = common.compute_dtype(g.dtype)
+    g32, m_new, v_new = update_moments(g, _lowbit.read(m, ct), _lowbit.read(v, ct), b1, b2)
+    sr = dict(stochastic=stochastic_rounding, step=step, leaf=leaf)
+    m_s = _lowbit.write(m_new, m, salt=_lowbit.SALT_MU, **sr)
+    v_s = _lowbit.write(v_new, v, salt=_lowbit.SALT_NU, **sr)
+    return g32, m_new, v_new, m_s, v_s
 
 
 def scale_by_moments(
@@ -53,19 +79,24 @@ def scale_by_moments(
     mu_dtype: Any,
     direction: Callable[[jax.Array, jax.Array, jax.Array, MomentContext], jax.Array],
     prepare: Callable[[jax.Array], Any] | None = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     """A transform with state `state_cls(count, mu, nu)` and update `direction(g, m', v', ctx)`.
 
     `direction` receives the gradient and the updated moments in the compute dtype; its result
     is cast to the gradient dtype. `prepare(count)` computes per-update scalars once.
+    `mu_dtype` / `nu_dtype` choose the moments' storage (`_lowbit`: None, a float dtype, or
+    "q8"); `stochastic_rounding` rounds float32 results into bfloat16 moments stochastically.
     """
     common.check_beta("b1", b1)
+    check_dtypes(mu_dtype, nu_dtype)
     common.check_beta("b2", b2)
     name = state_cls.__name__.removesuffix("State").lower()
 
     def init_fn(params):
         common.check_params(params, name)
-        return init_moments(state_cls, params, mu_dtype)
+        return init_moments(state_cls, params, mu_dtype, nu_dtype)
 
     def update_fn(updates, state, params=None):
         del params
@@ -78,17 +109,14 @@ def scale_by_moments(
             extra=prepare(count) if prepare is not None else None,
         )
 
-        def leaf(g, m, v):
-            g32, m, v = update_moments(g, m, v, b1, b2)
+        def leaf(g, m, v, i):
+            g32, m, v, m_s, v_s = read_write_moments(g, m, v, b1, b2, count, i, stochastic_rounding)
             # the scalars at the leaf's precision: float64 for float64 parameters
             local = common.cast_scalars(ctx._replace(count=None), g32.dtype)._replace(count=count)
-            return direction(g32, m, v, local).astype(g.dtype), m, v
+            return direction(g32, m, v, local).astype(g.dtype), m_s, v_s
 
-        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        return u, state_cls(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
+        index = _lowbit.leaf_indices(updates)
+        u, mu, nu = common.tree_map_multi(leaf, 3, updates, state.mu, state.nu, index)
+        return u, state_cls(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -26,6 +26,9 @@ def scale_by_adam(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Rescale updates by Adam's bias-corrected moment ratio.
 
@@ -42,7 +45,11 @@ def scale_by_adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root.
       eps_root: added inside the square root (optax's knob; the crate has none).
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -53,7 +60,16 @@ def scale_by_adam(
     def direction(g, m, v, ctx):
         return (m / ctx.bc1) / (jnp.sqrt(v / ctx.bc2 + eps_root) + eps)
 
-    return _moments.scale_by_moments(AdamState, b1, b2, mu_dtype, direction)
+    return _moments.scale_by_moments(
+        AdamState,
+        b1,
+        b2,
+        mu_dtype,
+        direction,
+        None,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
+    )
 
 
 def adam(
@@ -65,6 +81,8 @@ def adam(
     *,
     eps_root: float = 0.0,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with classical L2 regularisation, as the crate's `Adam`.
@@ -79,7 +97,11 @@ def adam(
       eps: denominator term outside the square root.
       weight_decay: L2 coefficient :math:`\lambda` folded into the gradient.
       eps_root: denominator term inside the square root.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
 
     Returns:
@@ -99,7 +121,15 @@ def adam(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, https://arxiv.org/abs/1412.6980
     """
     return common.alias(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            nu_dtype=nu_dtype,
+            stochastic_rounding=stochastic_rounding,
+        ),
         learning_rate,
         weight_decay,
         mask,
@@ -117,6 +147,8 @@ def adamw(
     *,
     eps_root: float = 0.0,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW: Adam with decoupled weight decay multiplied by the learning rate.
@@ -134,7 +166,11 @@ def adamw(
       eps: denominator term outside the square root.
       weight_decay: decoupled decay coefficient.
       eps_root: denominator term inside the square root.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
 
     Returns:
@@ -156,7 +192,15 @@ def adamw(
       https://arxiv.org/abs/1711.05101
     """
     return common.alias(
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            nu_dtype=nu_dtype,
+            stochastic_rounding=stochastic_rounding,
+        ),
         learning_rate,
         weight_decay,
         mask,

@@ -134,6 +134,9 @@ def scale_by_lamb(
     trust_ratio_mask: common.MaskOrFn = None,
     weight_decay_mask: common.MaskOrFn = None,
     mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""LAMB's layer-wise adapted direction.
 
@@ -154,7 +157,10 @@ def scale_by_lamb(
       bias_correction: bias-correct the moments.
       trust_ratio_mask: pytree (or callable) of booleans: leaves that get the trust ratio.
       weight_decay_mask: pytree (or callable) of booleans: leaves that get weight decay.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformation` (it needs `params`).
@@ -163,6 +169,7 @@ def scale_by_lamb(
     common.check_beta("b2", b2)
     common.check_non_negative("eps", eps)
     common.check_non_negative("weight_decay", weight_decay)
+    _moments.check_dtypes(mu_dtype, nu_dtype)
 
     def resolve(mask, params):
         if mask is None:
@@ -171,7 +178,7 @@ def scale_by_lamb(
 
     def init_fn(params):
         common.reject_complex(params, "lamb")
-        return _moments.init_moments(LambState, params, mu_dtype)
+        return _moments.init_moments(LambState, params, mu_dtype, nu_dtype)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -190,6 +197,7 @@ def scale_by_lamb(
         leaves, treedef = jax.tree.flatten(updates, is_leaf=common.is_empty)
         rest = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, params, trust_on, decay_on)]
         moments: list[Any] = [None] * len(leaves)
+        stored, stored_nu = list(leaves), list(leaves)  # the moments as stored (empties kept)
         # The trust ratios of the leaves of one dtype are computed together on accelerators
         # (one vector computation per step, small leaves' norms summed as one stack); on the
         # CPU leaf by leaf, where each leaf's update then follows its own norms while its
@@ -200,7 +208,9 @@ def scale_by_lamb(
             if common.is_empty(g):
                 continue
             m, v, p, use_trust, use_decay = (r[i] for r in rest)
-            g32, m, v = _moments.update_moments(g, m, v, b1, b2)
+            g32, m, v, stored[i], stored_nu[i] = _moments.read_write_moments(
+                g, m, v, b1, b2, count, i, stochastic_rounding
+            )
             ct = g32.dtype
             scalars = (bc1, bc2, jnp.asarray(eps, ct), jnp.asarray(weight_decay, ct))
             moments[i] = (m, v, p.astype(ct), scalars, _DIRECTIONS[bool(use_decay)])
@@ -223,7 +233,7 @@ def scale_by_lamb(
             ratios |= {i: vector[k] for k, i in enumerate(group)}
 
         # Pass 2 per leaf: the update, scaled by the leaf's ratio.
-        u_leaves, mu_leaves, nu_leaves = (list(leaves) for _ in range(3))  # empties kept
+        u_leaves = list(leaves)  # empties kept
         for i, g in enumerate(leaves):
             if common.is_empty(g):
                 continue
@@ -231,13 +241,9 @@ def scale_by_lamb(
             r = direction(m, v, p32, scalars)
             if i in ratios:
                 r = r * ratios[i].astype(r.dtype)
-            u_leaves[i], mu_leaves[i], nu_leaves[i] = r.astype(g.dtype), m, v
-        u, mu, nu = (treedef.unflatten(x) for x in (u_leaves, mu_leaves, nu_leaves))
-        return u, LambState(
-            count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
-            nu=optax.tree.cast_like(nu, state.nu),
-        )
+            u_leaves[i] = r.astype(g.dtype)
+        u, mu, nu = (treedef.unflatten(x) for x in (u_leaves, stored, stored_nu))
+        return u, LambState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -271,6 +277,8 @@ def lamb(
     mask: common.MaskOrFn = None,
     trust_ratio_mask: common.MaskOrFn = None,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LAMB, as the crate's `Lamb` and TF-Addons' reference.
 
@@ -288,7 +296,10 @@ def lamb(
       bias_correction: bias-correct the moments (False: the paper's v3).
       mask: pytree (or callable) of booleans selecting the leaves decayed.
       trust_ratio_mask: pytree (or callable) of booleans selecting the leaves adapted.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -309,6 +320,17 @@ def lamb(
     common.check_learning_rate(learning_rate)
     return common.chain(
         "lamb",
-        scale_by_lamb(b1, b2, eps, weight_decay, bias_correction, trust_ratio_mask, mask, mu_dtype),
+        scale_by_lamb(
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            bias_correction,
+            trust_ratio_mask,
+            mask,
+            mu_dtype,
+            nu_dtype=nu_dtype,
+            stochastic_rounding=stochastic_rounding,
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _lowbit
 
 
 class LionState(NamedTuple):
@@ -22,6 +23,8 @@ def scale_by_lion(
     b1: float = 0.9,
     b2: float = 0.99,
     mu_dtype: Any = None,
+    *,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Lion's update direction.
 
@@ -36,13 +39,16 @@ def scale_by_lion(
     Args:
       b1: interpolation weight of the update direction, in [0, 1).
       b2: decay of the stored moment, in [0, 1).
-      mu_dtype: dtype of the moment (default: the parameter dtype).
+      mu_dtype: storage of the moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 moment into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformation`.
     """
     common.check_beta("b1", b1)
     common.check_beta("b2", b2)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
 
     beta1, beta2 = b1, b2
     # Static: the rewrite needs concrete betas (not injected hyperparameters) and b2 > 0.
@@ -51,19 +57,21 @@ def scale_by_lion(
     def init_fn(params):
         common.check_params(params, "lion")
         return LionState(
-            count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
+            count=jnp.zeros([], jnp.int32), mu=_lowbit.init_tree(params, mu_dtype, signed=True)
         )
 
     def update_fn(updates, state, params=None):
         del params
         state = common.check_state("lion", state, LionState, updates, ("mu",))
 
-        def leaf(g, m):
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, m, i):
             ct = common.compute_dtype(g.dtype)
             b1, b2 = jnp.asarray(beta1, ct), jnp.asarray(beta2, ct)
-            g32, m32 = g.astype(ct), m.astype(ct)
+            g32, m32 = g.astype(ct), _lowbit.read(m, ct)
             m_new = b2 * m32 + (1 - b2) * g32
-            if from_new_moment and m.dtype == ct:
+            if from_new_moment and not isinstance(m, _lowbit.QuantizedArray) and m.dtype == ct:
                 # b1 m + (1 - b1) g, written through the new moment. Read from the old one, the
                 # old moment has two readers and an in-place writer (the donated state), which
                 # XLA resolves with a parameter-sized copy per leaf and step (~5x slower on
@@ -78,10 +86,19 @@ def scale_by_lion(
             # makes c non-finite; pass c through there, so that the step shows it
             # (docs/robustness.md; optax.apply_if_finite then skips it). Same fused pass.
             u = jnp.where(jnp.isfinite(c), jnp.sign(c), c)
-            return u.astype(g.dtype), m_new.astype(m.dtype)
+            m_s = _lowbit.write(
+                m_new,
+                m,
+                stochastic=stochastic_rounding,
+                step=count,
+                leaf=i,
+                salt=_lowbit.SALT_MU,
+            )
+            return u.astype(g.dtype), m_s
 
-        u, mu = common.tree_map_multi(leaf, 2, updates, state.mu)
-        return u, LionState(count=optax.safe_increment(state.count), mu=mu)
+        index = _lowbit.leaf_indices(updates)
+        u, mu = common.tree_map_multi(leaf, 2, updates, state.mu, index)
+        return u, LionState(count=count, mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -93,6 +110,7 @@ def lion(
     weight_decay: float = 0.0,
     *,
     mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lion, as the crate's `Lion` and the authors' reference.
@@ -106,7 +124,9 @@ def lion(
       b1: interpolation weight of the update direction.
       b2: decay of the stored moment.
       weight_decay: decoupled decay coefficient (multiplied by the learning rate).
-      mu_dtype: dtype of the moment.
+      mu_dtype: storage of the moment: None (the parameter dtype), a floating dtype or
+        ``"q8"`` (docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 moment into bfloat16 storage stochastically.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -125,5 +145,9 @@ def lion(
       https://arxiv.org/abs/2302.06675
     """
     return common.alias(
-        scale_by_lion(b1, b2, mu_dtype), learning_rate, weight_decay, mask, name="lion"
+        scale_by_lion(b1, b2, mu_dtype, stochastic_rounding=stochastic_rounding),
+        learning_rate,
+        weight_decay,
+        mask,
+        name="lion",
     )

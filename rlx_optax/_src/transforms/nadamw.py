@@ -26,6 +26,9 @@ def scale_by_nadamw(
     eps: float = 1e-8,
     variant: Literal["crate", "algoperf"] = "crate",
     mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Nesterov-Adam direction with a constant :math:`\beta_1` (no momentum-decay schedule).
 
@@ -44,7 +47,11 @@ def scale_by_nadamw(
       b2: second-moment decay.
       eps: denominator term outside the square root.
       variant: ``"crate"`` or ``"algoperf"``.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -63,7 +70,16 @@ def scale_by_nadamw(
             m_bar = (beta1 * m + (1 - beta1) * g) / ctx.bc1
         return m_bar / (jnp.sqrt(v / ctx.bc2) + eps)
 
-    return _moments.scale_by_moments(NAdamWState, b1, b2, mu_dtype, direction, prepare)
+    return _moments.scale_by_moments(
+        NAdamWState,
+        b1,
+        b2,
+        mu_dtype,
+        direction,
+        prepare,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
+    )
 
 
 def nadamw(
@@ -75,6 +91,8 @@ def nadamw(
     *,
     variant: Literal["crate", "algoperf"] = "crate",
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdamW with decoupled, learning-rate-scaled decay, as the crate's `NAdamW`.
@@ -90,7 +108,11 @@ def nadamw(
       eps: denominator term outside the square root.
       weight_decay: decoupled decay coefficient.
       variant: ``"crate"`` or ``"algoperf"``.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -110,7 +132,15 @@ def nadamw(
       https://arxiv.org/abs/2306.07179
     """
     return common.alias(
-        scale_by_nadamw(b1, b2, eps, variant, mu_dtype),
+        scale_by_nadamw(
+            b1,
+            b2,
+            eps,
+            variant,
+            mu_dtype,
+            nu_dtype=nu_dtype,
+            stochastic_rounding=stochastic_rounding,
+        ),
         learning_rate,
         weight_decay,
         mask,

@@ -28,6 +28,9 @@ def scale_by_qhadamw(
     nu2: float = 1.0,
     eps: float = 1e-8,
     mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Quasi-hyperbolic Adam direction.
 
@@ -46,7 +49,11 @@ def scale_by_qhadamw(
       nu1: weight of the momentum in the numerator, in [0, 1].
       nu2: weight of the second moment in the denominator, in [0, 1].
       eps: denominator term outside the square root.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -61,7 +68,16 @@ def scale_by_qhadamw(
         num = (1 - nu1) * g + nu1 * (m / ctx.bc1)
         return num / (jnp.sqrt((1 - nu2) * a * a + nu2 * (v / ctx.bc2)) + eps)
 
-    return _moments.scale_by_moments(QHAdamWState, b1, b2, mu_dtype, direction)
+    return _moments.scale_by_moments(
+        QHAdamWState,
+        b1,
+        b2,
+        mu_dtype,
+        direction,
+        None,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
+    )
 
 
 def scale_by_qhadam(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
@@ -84,6 +100,8 @@ def qhadamw(
     weight_decay: float = 0.01,
     *,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""QHAdamW, as the crate's `QHAdamW` and qhoptim's `QHAdamW`.
@@ -99,7 +117,11 @@ def qhadamw(
       nu2: denominator interpolation.
       eps: denominator term outside the square root.
       weight_decay: decoupled decay coefficient.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -118,7 +140,16 @@ def qhadamw(
       https://arxiv.org/abs/1810.06801
     """
     return common.alias(
-        scale_by_qhadamw(b1, b2, nu1, nu2, eps, mu_dtype),
+        scale_by_qhadamw(
+            b1,
+            b2,
+            nu1,
+            nu2,
+            eps,
+            mu_dtype,
+            nu_dtype=nu_dtype,
+            stochastic_rounding=stochastic_rounding,
+        ),
         learning_rate,
         weight_decay,
         mask,

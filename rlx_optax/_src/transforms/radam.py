@@ -150,6 +150,8 @@ def scale_by_radam(
     degenerate_to_sgd: bool | None = None,
     mu_dtype: Any = None,
     *,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     eps_placement: str | None = None,
     behaviour: str = "crate",
 ) -> optax.GradientTransformation:
@@ -179,7 +181,11 @@ def scale_by_radam(
       eps: denominator term outside the square root.
       threshold: the rectification starts once :math:`\rho_t` exceeds it.
       degenerate_to_sgd: during warm-up, step along :math:`\hat m` (True) or not at all.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       eps_placement: ``"corrected"`` (crate, optax: :math:`\sqrt{\hat v_t}+\epsilon`) or
         ``"uncorrected"`` (the reference: :math:`\sqrt{v_t}+\epsilon`).
       behaviour: ``"crate"`` (threshold 4, momentum steps in warm-up, corrected eps) or
@@ -214,7 +220,16 @@ def scale_by_radam(
             step = r * m_hat / (jnp.sqrt(v / ctx.bc2) + eps)
         return jnp.where(rectified, step, warm)
 
-    return _moments.scale_by_moments(RAdamState, b1, b2, mu_dtype, direction, prepare)
+    return _moments.scale_by_moments(
+        RAdamState,
+        b1,
+        b2,
+        mu_dtype,
+        direction,
+        prepare,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
+    )
 
 
 def radam(
@@ -230,6 +245,8 @@ def radam(
     decay: str | None = None,
     behaviour: str = "crate",
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with L2 decay folded into the gradient, as the crate's `RAdam`.
@@ -258,7 +275,11 @@ def radam(
       decay: ``"l2"`` (crate: folded into the gradient) or ``"decoupled"`` (reference:
         :math:`\theta \leftarrow \theta - \eta\lambda\theta` on the steps that move).
       behaviour: ``"crate"`` or ``"reference"``: sets the four switches above at once.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      nu_dtype: storage of the second moment (the same choices).
+      stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
+        (unbiased; randomness from the step and the leaf) instead of to nearest.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -293,6 +314,8 @@ def radam(
         opts["threshold"],
         opts["degenerate_to_sgd"],
         mu_dtype,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
         eps_placement=opts["eps_placement"],
     )
     if opts["decay"] == "l2":

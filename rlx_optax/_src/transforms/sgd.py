@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _lowbit
 
 
 class SgdState(NamedTuple):
@@ -22,6 +23,8 @@ def scale_by_sgd(
     momentum: float = 0.0,
     nesterov: bool = False,
     accumulator_dtype: Any = None,
+    *,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Momentum without dampening, as PyTorch's SGD and the crate's `Sgd`.
 
@@ -34,17 +37,21 @@ def scale_by_sgd(
     Args:
       momentum: :math:`\mu` in [0, 1).
       nesterov: use the Nesterov look-ahead form.
-      accumulator_dtype: dtype of the momentum buffer (default: the parameter dtype).
+      accumulator_dtype: storage of the momentum buffer: None (the parameter dtype), a
+        floating dtype (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise;
+        docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 buffer into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformation`.
     """
     common.check_beta("momentum", momentum)
     use_trace = not common._is_zero(momentum)
+    _lowbit.check_storage("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
         common.check_params(params, "sgd")
-        trace = common.zeros_like_tree(params, accumulator_dtype) if use_trace else None
+        trace = _lowbit.init_tree(params, accumulator_dtype, signed=True) if use_trace else None
         return SgdState(count=jnp.zeros([], jnp.int32), trace=trace)
 
     def update_fn(updates, state, params=None):
@@ -54,15 +61,24 @@ def scale_by_sgd(
         if not use_trace:
             return updates, SgdState(count=count, trace=None)
 
-        def leaf(g, v):
+        def leaf(g, stored, i):
             ct = common.compute_dtype(g.dtype)
             g32 = g.astype(ct)
-            v = momentum * v.astype(ct) + g32
+            v = momentum * _lowbit.read(stored, ct) + g32
             u = g32 + momentum * v if nesterov else v
-            return u.astype(g.dtype), v
+            v_s = _lowbit.write(
+                v,
+                stored,
+                stochastic=stochastic_rounding,
+                step=count,
+                leaf=i,
+                salt=_lowbit.SALT_MU,
+            )
+            return u.astype(g.dtype), v_s
 
-        u, trace = common.tree_map_multi(leaf, 2, updates, state.trace)
-        return u, SgdState(count=count, trace=optax.tree.cast_like(trace, state.trace))
+        index = _lowbit.leaf_indices(updates)
+        u, trace = common.tree_map_multi(leaf, 2, updates, state.trace, index)
+        return u, SgdState(count=count, trace=trace)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -74,6 +90,7 @@ def sgd(
     weight_decay: float = 0.0,
     *,
     accumulator_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Stochastic gradient descent, as the crate's `Sgd`.
@@ -87,7 +104,9 @@ def sgd(
       momentum: :math:`\mu` in [0, 1); 0 keeps no buffer.
       nesterov: Nesterov momentum.
       weight_decay: L2 coefficient folded into the gradient.
-      accumulator_dtype: dtype of the momentum buffer.
+      accumulator_dtype: storage of the momentum buffer: None (the parameter dtype), a
+        floating dtype or ``"q8"`` (docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 buffer into bfloat16 storage stochastically.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 
     Returns:
@@ -108,7 +127,9 @@ def sgd(
       ICML 2013.
     """
     return common.alias(
-        scale_by_sgd(momentum, nesterov, accumulator_dtype),
+        scale_by_sgd(
+            momentum, nesterov, accumulator_dtype, stochastic_rounding=stochastic_rounding
+        ),
         learning_rate,
         weight_decay,
         mask,

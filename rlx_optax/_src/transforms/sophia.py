@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _lowbit
 
 HessianEstimator = Callable[[Callable[[Any], jax.Array], Any, jax.Array], Any]
 
@@ -129,6 +130,7 @@ def scale_by_sophia(
     update_interval: int = 10,
     track_win_rate: bool = False,
     mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia's clipped, curvature-scaled momentum (no learning rate, no decay).
 
@@ -170,7 +172,10 @@ def scale_by_sophia(
       track_win_rate: record in ``state.win_rate`` the fraction of coordinates whose ratio is
         strictly inside the clip bound (the paper suggests 0.1-0.5 as healthy). Off, it is NaN
         and costs nothing.
-      mu_dtype: dtype of the momentum (default: the parameter dtype).
+      mu_dtype: storage of the momentum: None (the parameter dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        The Hessian EMA `h` follows the parameter dtype (it may be negative).
+      stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update` accepts the keyword arguments
@@ -183,6 +188,7 @@ def scale_by_sophia(
     common.check_non_negative("eps", eps)
     if not isinstance(update_interval, jax.Array):  # optax.inject_hyperparams passes an array
         common.check_positive_int("update_interval", update_interval)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
 
     given_hessian: list[bool] = []  # an estimate was passed to this transform (trace time)
 
@@ -190,7 +196,7 @@ def scale_by_sophia(
         common.reject_complex(params, "sophia")
         return SophiaState(
             count=jnp.zeros([], jnp.int32),
-            mu=common.zeros_like_tree(params, mu_dtype),
+            mu=_lowbit.init_tree(params, mu_dtype, signed=True),
             h=common.zeros_like_tree(params),
             win_rate=jnp.full([], jnp.nan, jnp.float32),
         )
@@ -210,16 +216,29 @@ def scale_by_sophia(
         count = optax.safe_increment(state.count)
         bc1 = common.bias_correction(b1, count) if bias_correction else None
 
-        def leaf(g, m, hh):
-            return _sophia_direction(g, m, hh, b1=b1, gamma=gamma, rho=rho, eps=eps, bc1=bc1)
+        def leaf(g, m, hh, i):
+            m32 = _lowbit.read(m, common.compute_dtype(g.dtype))
+            u, m_new, ratio = _sophia_direction(
+                g, m32, hh, b1=b1, gamma=gamma, rho=rho, eps=eps, bc1=bc1
+            )
+            m_s = _lowbit.write(
+                m_new,
+                m,
+                stochastic=stochastic_rounding,
+                step=count,
+                leaf=i,
+                salt=_lowbit.SALT_MU,
+            )
+            return u, m_s, ratio
 
-        u, mu, ratio = common.tree_map_multi(leaf, 3, updates, state.mu, h)
+        index = _lowbit.leaf_indices(updates)
+        u, mu, ratio = common.tree_map_multi(leaf, 3, updates, state.mu, h, index)
         win_rate = state.win_rate
         if track_win_rate:
             win_rate = _win_rate(ratio, rho)
         return u, SophiaState(
             count=count,
-            mu=optax.tree.cast_like(mu, state.mu),
+            mu=mu,
             h=optax.tree.cast_like(h, state.h),
             win_rate=win_rate,
         )
@@ -289,6 +308,7 @@ def sophia(
     update_interval: int = 10,
     track_win_rate: bool = False,
     mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
     mask: common.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia-H with the crate's semantics: `scale_by_sophia` -> decoupled decay -> rate.
@@ -338,7 +358,9 @@ def sophia(
       hessian_estimator: estimator run inside `update` (see `scale_by_sophia`).
       update_interval: steps between estimator runs.
       track_win_rate: record the unclipped fraction in the state.
-      mu_dtype: dtype of the momentum.
+      mu_dtype: storage of the momentum: None (the parameter dtype), a floating dtype or
+        ``"q8"`` (docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
 
     Returns:
@@ -376,6 +398,7 @@ def sophia(
             update_interval=update_interval,
             track_win_rate=track_win_rate,
             mu_dtype=mu_dtype,
+            stochastic_rounding=stochastic_rounding,
         ),
         learning_rate,
         weight_decay,

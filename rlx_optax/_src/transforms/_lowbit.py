@@ -1,0 +1,307 @@
+"""Optimizer state below float32: 8-bit block-wise quantized moments and stochastic rounding.
+
+One mechanism for every element-wise family. A moment's storage is chosen by a dtype-like
+argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
+
+- ``None``: the parameter dtype (the default; the numbers are those of a float32 state);
+- a floating dtype (``jnp.bfloat16``, ``jnp.float32``): stored in it; a float32 result rounded
+  into bfloat16 either to nearest or, with ``stochastic_rounding=True``, stochastically;
+- ``"q8"`` (`Q8`): 8-bit codes plus one float32 scale per block of `BLOCK` elements along the
+  last axis (`QuantizedArray`). First moments use a signed dynamic code, second moments an
+  unsigned dynamic code without zero. Leaves under `MIN_QUANTIZED_SIZE` elements (and
+  complex leaves) are kept unquantized, in float32 (the compute dtype).
+
+The randomness of stochastic rounding is derived from the step count and the leaf's index
+(`jax.random.fold_in`), so there is no key to thread and a resumed run rounds as the
+uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx_optax._src import common
+
+#: The dtype-like value that selects 8-bit block-wise quantized storage.
+Q8 = "q8"
+#: Elements per quantization block (along the last axis).
+BLOCK = 256
+#: Leaves with fewer elements are kept unquantized (float32).
+MIN_QUANTIZED_SIZE = 4096
+
+# Streams of the stochastic rounding: one per stored quantity, so that two moments of one
+# leaf never share random bits.
+SALT_MU, SALT_NU, SALT_PARAMS = 1, 2, 3
+_BASE_SEED = 0x5EED
+
+
+# --------------------------------------------------------------------------- the codes
+
+
+def _dynamic_magnitudes(decades: int) -> np.ndarray:
+    """Positive code values in (0, 1], ascending, 1.0 included.
+
+    Decade ``i`` (0 = smallest) spans ``(10^(i-decades), 10^(i-decades+1)]`` and holds
+    ``2^i`` evenly spaced values: coarse where values are tiny, fine near the block maximum
+    (the dynamic code of Dettmers et al., https://arxiv.org/abs/2110.02861).
+    """
+    values = []
+    for i in range(decades):
+        top = 10.0 ** (i - decades + 1)
+        n = 2**i
+        values.append(top * np.linspace(0.1, 1.0, n + 1)[1:])
+    out = np.concatenate(values)
+    assert np.all(np.diff(out) > 0)
+    return out
+
+
+@functools.cache
+def signed_code() -> np.ndarray:
+    """The 255 values of the signed code for first moments: ``0``, and ``±`` 127 dynamic
+    magnitudes down to 1e-6 of the block maximum; ascending, float32. Stored as int8
+    ``c`` meaning ``code[c + 127]``."""
+    pos = _dynamic_magnitudes(7)  # 127 values
+    return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
+
+
+@functools.cache
+def unsigned_code() -> np.ndarray:
+    """The 255 values of the unsigned code for second moments: 255 dynamic magnitudes from
+    1e-8 to 1 of the block maximum, **without zero** (a second moment rounded to zero would
+    turn ``m / (sqrt(v) + eps)`` into ``m / eps``); ascending, float32. Stored as uint8."""
+    return _dynamic_magnitudes(8).astype(np.float32)
+
+
+class QuantizedArray(NamedTuple):
+    """An array stored as 8-bit codes with one float32 scale per block of `BLOCK` elements.
+
+    `codes` has the array's shape: int8 for the signed code (first moments), uint8 for the
+    unsigned one (second moments). `scale` has shape ``shape[:-1] + (ceil(shape[-1] /
+    BLOCK),)``: the largest magnitude of each block of the last axis, so that a block never
+    crosses a shard boundary of a sharding along any axis but the last. The value of an
+    element is ``code[c] * scale[block]``. A pytree of two arrays (jit, checkpoints and
+    `optax.tree` utilities see them as leaves).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def signed(self) -> bool:
+        return self.codes.dtype == jnp.int8
+
+
+def _blocks(x: jax.Array) -> tuple[jax.Array, int]:
+    """`x` zero-padded along the last axis and reshaped to ``(..., n_blocks, BLOCK)``."""
+    last = x.shape[-1]
+    nb = -(-last // BLOCK)
+    pad = nb * BLOCK - last
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], nb, BLOCK), last
+
+
+def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
+    """`x` (real, at least 1-d) to the nearest code of its block-scaled value.
+
+    The scale of a block is its largest magnitude (0 for an all-zero block, which then
+    dequantizes to exact zeros); each element gets the code nearest to ``x / scale`` (ties to
+    the smaller code).
+    """
+    x32 = jnp.asarray(x, jnp.float32)
+    b, last = _blocks(x32)
+    scale = jnp.max(jnp.abs(b), axis=-1)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    y = b / safe[..., None]
+    table = jnp.asarray(signed_code() if signed else unsigned_code())
+    mids = (table[1:] + table[:-1]) / 2
+    idx = jnp.searchsorted(mids, y, side="left")
+    if signed:
+        codes = (idx - (table.shape[0] // 2)).astype(jnp.int8)
+    else:
+        codes = idx.astype(jnp.uint8)
+    codes = codes.reshape(*codes.shape[:-2], -1)[..., :last]
+    return QuantizedArray(codes=codes, scale=scale)
+
+
+def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
+    """The float32 array `q` stands for."""
+    codes = jnp.asarray(q.codes)
+    if codes.dtype == jnp.int8:
+        table = jnp.asarray(signed_code())
+        index = codes.astype(jnp.int32) + table.shape[0] // 2
+    else:
+        table = jnp.asarray(unsigned_code())
+        index = codes.astype(jnp.int32)
+    values, last = _blocks(table[index])
+    out = values * jnp.asarray(q.scale, jnp.float32)[..., None]
+    return out.reshape(*out.shape[:-2], -1)[..., :last]
+
+
+def quantized_like(p: Any, signed: bool) -> QuantizedArray:
+    """The all-zero quantized state of the shape of `p`."""
+    shape = tuple(p.shape)
+    nb = -(-shape[-1] // BLOCK)
+    return QuantizedArray(
+        codes=jnp.zeros(shape, jnp.int8 if signed else jnp.uint8),
+        scale=jnp.zeros(shape[:-1] + (nb,), jnp.float32),
+    )
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+def _round_key(step: jax.Array, leaf: int, salt: int) -> jax.Array:
+    key = jax.random.key(_BASE_SEED)
+    key = jax.random.fold_in(key, salt)
+    key = jax.random.fold_in(key, leaf)
+    return jax.random.fold_in(key, jnp.asarray(step, jnp.uint32))
+
+
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """`x` (float32) rounded to `dtype` (bfloat16) up or down at random, unbiased:
+    ``E[result] = x`` for every finite `x` within `dtype`'s range.
+
+    Adds 16 random bits below bfloat16's last mantissa bit and truncates: the result rounds
+    away from zero with probability equal to the dropped fraction. Non-finite values are
+    rounded to nearest (they stay what they are). Other target dtypes: a plain cast.
+    """
+    dtype = jnp.dtype(dtype)
+    x = jnp.asarray(x)
+    if dtype != jnp.bfloat16 or x.dtype != jnp.float32:
+        return x.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    sr = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+    return jnp.where(jnp.isfinite(x), sr, x.astype(jnp.bfloat16))
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def check_storage(name: str, value: Any) -> None:
+    """A state dtype argument: None, `Q8`, or a floating dtype."""
+    if value is None or (isinstance(value, str) and value == Q8):
+        return
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.inexact):
+        raise ValueError(
+            f"{name} must be None (the parameter dtype), a floating dtype such as "
+            f"jnp.bfloat16, or {Q8!r} (8-bit block-wise quantized), got {value!r}"
+        )
+
+
+def quantizes(p: Any) -> bool:
+    """True when a leaf like `p` is quantized under `Q8`."""
+    dt = jnp.dtype(p.dtype)
+    return (
+        jnp.issubdtype(dt, jnp.floating)
+        and len(p.shape) >= 1
+        and math.prod(p.shape) >= MIN_QUANTIZED_SIZE
+    )
+
+
+def init_leaf(p: Any, storage: Any, signed: bool) -> Any:
+    """The zero state of one leaf like `p` stored as `storage`."""
+    if isinstance(storage, str):  # Q8
+        if quantizes(p):
+            return quantized_like(p, signed)
+        return jnp.zeros(p.shape, common.compute_dtype(p.dtype))
+    return jnp.zeros_like(p, dtype=storage or p.dtype)
+
+
+def init_tree(params: Any, storage: Any, signed: bool) -> Any:
+    """`init_leaf` over a tree; `None` leaves stay `None`."""
+    if storage is None:
+        return common.zeros_like_tree(params)
+    return jax.tree.map(lambda p: init_leaf(p, storage, signed), params)
+
+
+def read(stored: Any, dtype: Any) -> jax.Array:
+    """A stored leaf in `dtype` (the compute dtype)."""
+    if isinstance(stored, QuantizedArray):
+        return dequantize_blockwise(stored).astype(dtype)
+    return stored.astype(dtype)
+
+
+def write(
+    value: jax.Array,
+    stored: Any,
+    *,
+    stochastic: bool = False,
+    step: Any = None,
+    leaf: int = 0,
+    salt: int = 0,
+) -> Any:
+    """`value` (compute dtype) stored like `stored` (the previous state of this leaf).
+
+    Quantized stays quantized with the same code; a narrower float dtype is rounded to
+    nearest, or stochastically (bfloat16 only) with `stochastic`, from the stream of
+    (`step`, `leaf`, `salt`).
+    """
+    if isinstance(stored, QuantizedArray):
+        return quantize_blockwise(value, stored.signed)
+    dtype = stored.dtype
+    if stochastic and dtype == jnp.bfloat16 and value.dtype == jnp.float32:
+        return stochastic_round(value, dtype, _round_key(step, leaf, salt))
+    return value.astype(dtype)
+
+
+def leaf_indices(tree: Any) -> Any:
+    """A tree like `tree` whose leaves (empty places kept empty) are their flat indices: the
+    `leaf` argument of `write`, the same in every step."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
+    return treedef.unflatten([x if common.is_empty(x) else i for i, x in enumerate(leaves)])
+
+
+# --------------------------------------------------------------------------- apply_updates
+
+
+def apply_updates_stochastic(params: Any, updates: Any, step: Any) -> Any:
+    """`optax.apply_updates` that rounds bfloat16 parameters stochastically.
+
+    Each parameter is updated in float32 (``p + u``) and rounded back to its dtype: bfloat16
+    leaves stochastically (unbiased, so updates far below a bfloat16 ulp still move the
+    parameter on average instead of vanishing), others as `optax.apply_updates` does. The
+    random bits come from `step` (an integer, for example the optimizer's step count) and the
+    leaf's position: the same step gives the same bits, so a resumed run reproduces them.
+
+    Args:
+      params: the parameters (a pytree; `None` leaves pass through).
+      updates: the updates, a pytree of the parameters' structure.
+      step: an int or int32 scalar, different at every step.
+
+    Returns:
+      The new parameters, each in its own dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, rlx_optax
+      >>> p = {"w": jnp.ones(4, jnp.bfloat16)}
+      >>> u = {"w": jnp.full(4, 1e-3)}  # 1/8 of a bfloat16 ulp at 1.0
+      >>> rlx_optax.apply_updates_stochastic(p, u, step=0)["w"].dtype
+      dtype(bfloat16)
+    """
+    index = leaf_indices(params)
+
+    def one(p, u, i):
+        p = jnp.asarray(p)
+        if p.dtype == jnp.bfloat16:
+            new = p.astype(jnp.float32) + jnp.asarray(u).astype(jnp.float32)
+            return stochastic_round(new, p.dtype, _round_key(step, i, SALT_PARAMS))
+        return jnp.asarray(p + u).astype(p.dtype)
+
+    return common.tree_map_none(one, params, updates, index)

@@ -1,0 +1,319 @@
+"""Low-precision optimizer state: 8-bit block-wise moments and stochastic rounding.
+
+Oracles: a brute-force nearest-code search in float64 NumPy (the quantizer), float64
+transcriptions of the moving averages (bfloat16 moments with and without stochastic
+rounding), the sampling distribution of a mean (unbiasedness), and uninterrupted runs
+(checkpoint resumes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import rlx_optax
+from rlx_optax._src.transforms import _lowbit
+
+ADAM_FAMILY = ("adam", "adamw", "nadamw", "radam", "qhadamw")
+Q8_FACTORIES = {
+    **{name: {"mu_dtype": "q8", "nu_dtype": "q8"} for name in ADAM_FAMILY},
+    "lamb": {"mu_dtype": "q8", "nu_dtype": "q8"},
+    "lion": {"mu_dtype": "q8"},
+    "sgd": {"momentum": 0.9, "accumulator_dtype": "q8"},
+    "sophia": {"mu_dtype": "q8"},
+}
+
+
+def update_extra(name: str, grads: dict) -> dict:
+    """Sophia's Hessian estimate (|g|, a positive stand-in); nothing for the others."""
+    return {"hessian_diag": jax.tree.map(jnp.abs, grads)} if name == "sophia" else {}
+
+
+def params_tree(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(64, 300)), jnp.float32),  # quantized, ragged blocks
+        "e": jnp.asarray(rng.normal(size=(4096,)), jnp.float32),  # quantized, 1-d
+        "s": jnp.asarray(rng.normal(size=(63, 64)), jnp.float32),  # 4032 < 4096: float32
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+    }
+
+
+def grads_tree(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    # magnitudes spread over decades, so blocks hold small and large entries
+    return {
+        k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-4, 0, v.shape), v.dtype)
+        for k, v in params_tree().items()
+    }
+
+
+# --------------------------------------------------------------------------- the quantizer
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_code_is_the_nearest_code_of_its_block_scaled_value(signed):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 700)) * 10.0 ** rng.uniform(-9, 1, (5, 700))
+    x = x if signed else x**2
+    x[2, 256:512] = 0.0  # an all-zero block
+    x = x.astype(np.float32)
+    q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed)
+    codes, scale = np.asarray(q.codes), np.asarray(q.scale, np.float64)
+    assert codes.dtype == (np.int8 if signed else np.uint8) and codes.shape == x.shape
+    assert scale.shape == (5, 3)  # ceil(700 / 256) blocks along the last axis
+    table = (_lowbit.signed_code() if signed else _lowbit.unsigned_code()).astype(np.float64)
+    index = codes.astype(np.int64) + (127 if signed else 0)
+    for row in range(5):
+        for blk in range(3):
+            part = x[row, blk * 256 : (blk + 1) * 256].astype(np.float64)
+            assert scale[row, blk] == np.max(np.abs(part))  # the scale: the block's absmax
+            if scale[row, blk] == 0:
+                continue
+            y = part / scale[row, blk]
+            chosen = table[index[row, blk * 256 : (blk + 1) * 256]]
+            best = np.min(np.abs(y[:, None] - table[None, :]), axis=1)
+            # nearest up to the float32 rounding of y (1 ulp at 1.0)
+            np.testing.assert_array_less(np.abs(y - chosen) - best, 1.2e-7)
+    back = np.asarray(rlx_optax.dequantize_blockwise(q))
+    np.testing.assert_array_equal(back[2, 256:512], 0.0)
+    want = table[index] * np.repeat(scale, 256, axis=1)[:, :700]
+    np.testing.assert_allclose(back, want, rtol=1e-6, atol=0)
+
+
+def test_codes_have_the_documented_shape():
+    signed, unsigned = _lowbit.signed_code(), _lowbit.unsigned_code()
+    assert signed.shape == unsigned.shape == (255,)
+    assert np.all(np.diff(signed) > 0) and np.all(np.diff(unsigned) > 0)
+    np.testing.assert_array_equal(signed, -signed[::-1])  # symmetric, zero in the middle
+    assert signed[127] == 0 and signed[-1] == 1
+    assert unsigned[0] > 0 and unsigned[-1] == 1  # no zero in the second-moment code
+
+
+def test_blocks_never_cross_the_first_axis():
+    """A first-axis (FSDP) shard quantizes exactly as its rows of the whole array."""
+    x = jax.random.normal(jax.random.key(0), (8, 1000))
+    whole = rlx_optax.quantize_blockwise(x, signed=True)
+    for part in range(4):
+        rows = slice(2 * part, 2 * part + 2)
+        shard = rlx_optax.quantize_blockwise(x[rows], signed=True)
+        np.testing.assert_array_equal(shard.codes, whole.codes[rows])
+        np.testing.assert_array_equal(shard.scale, whole.scale[rows])
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+@pytest.mark.parametrize("name", sorted(Q8_FACTORIES))
+def test_small_leaves_stay_float32_and_large_ones_are_quantized(name):
+    tx = getattr(rlx_optax, name)(1e-3, **Q8_FACTORIES[name])
+    state = tx.init(params_tree())
+    inner = next(s for s in state if hasattr(s, "mu") or hasattr(s, "trace"))
+    fields = [f for f in ("mu", "nu", "trace") if hasattr(inner, f)]
+    assert fields
+    for field in fields:
+        tree = getattr(inner, field)
+        for key in ("w", "e"):
+            assert isinstance(tree[key], rlx_optax.QuantizedArray), (field, key)
+            want = jnp.int8 if field in ("mu", "trace") else jnp.uint8
+            assert tree[key].codes.dtype == want
+        for key in ("s", "b"):
+            assert tree[key].dtype == jnp.float32 and tree[key].shape == params_tree()[key].shape
+
+
+@pytest.mark.parametrize("name", sorted(Q8_FACTORIES))
+def test_quantized_state_follows_the_float32_run(name):
+    """20 jitted steps with 8-bit moments stay near the float32 run: the displacement differs
+    by less than 5% of its size (the codes resolve about 0.7% of a block's maximum near the
+    top and a coarser relative step for entries decades below it)."""
+    kw = dict(Q8_FACTORIES[name])
+    base = {k: v for k, v in kw.items() if k == "momentum"}
+    p0 = params_tree()
+    out = []
+    for opts in (base, kw):
+        tx = getattr(rlx_optax, name)(1e-3, **opts)
+        step = jax.jit(lambda p, s, g, tx=tx: tx.update(g, s, p, **update_extra(name, g)))
+        p, s = p0, tx.init(p0)
+        for i in range(20):
+            u, s = step(p, s, grads_tree(i))
+            p = optax.apply_updates(p, u)
+        out.append(p)
+    moved = optax.tree.norm(jax.tree.map(jnp.subtract, out[0], p0))
+    diff = optax.tree.norm(jax.tree.map(jnp.subtract, out[1], out[0]))
+    assert float(moved) > 0 and float(diff) < 0.05 * float(moved)
+
+
+def test_default_state_is_unchanged():
+    """No dtype argument: the float32 state of before, leaf for leaf (no QuantizedArray)."""
+    for name in ("adamw", "lamb", "lion"):
+        state = getattr(rlx_optax, name)(1e-3).init(params_tree())
+        for leaf in jax.tree.leaves(state):
+            assert leaf.dtype in (jnp.float32, jnp.int32)
+    with pytest.raises(ValueError, match="nu_dtype"):
+        rlx_optax.adamw(1e-3, nu_dtype="int4")
+
+
+def test_jit_inject_hyperparams_and_multisteps():
+    p0 = params_tree()
+    plain = rlx_optax.adamw(1e-3, mu_dtype="q8", nu_dtype="q8")
+    injected = optax.inject_hyperparams(rlx_optax.adamw)(
+        learning_rate=1e-3, mu_dtype="q8", nu_dtype="q8"
+    )
+    s1, s2 = plain.init(p0), injected.init(p0)
+    for i in range(3):
+        u1, s1 = jax.jit(plain.update)(grads_tree(i), s1, p0)
+        u2, s2 = jax.jit(injected.update)(grads_tree(i), s2, p0)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    assert isinstance(s2.inner_state[0].mu["w"], rlx_optax.QuantizedArray)
+
+    # MultiSteps: two micro-steps of the same gradient are one step of that gradient. The
+    # two programs fuse the float32 arithmetic differently (MultiSteps runs the inner update
+    # in a lax.cond), so a moment lying within an ulp of a boundary between two codes may be
+    # stored in the neighbouring code; such entries are rare (< 0.1%) and move the next
+    # update by at most a few percent, everything else agrees to float32 rounding.
+    multi = optax.MultiSteps(plain, every_k_schedule=2)
+    sm, sp = multi.init(p0), plain.init(p0)
+    step, plain_step = jax.jit(multi.update), jax.jit(plain.update)
+    for i in range(2):
+        g = grads_tree(i)
+        u0, sm = step(g, sm, p0)
+        assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u0))
+        um, sm = step(g, sm, p0)
+        up, sp = plain_step(g, sp, p0)
+        assert jax.tree.structure(sm.inner_opt_state) == jax.tree.structure(sp)
+        for a, b in zip(jax.tree.leaves(um), jax.tree.leaves(up), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            close = np.abs(a - b) <= 1e-5 * np.abs(b) + 1e-12
+            assert np.mean(~close) < 1e-3
+            np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"mu_dtype": "q8", "nu_dtype": "q8"},
+        {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True},
+    ],
+    ids=["q8", "bf16-sr"],
+)
+def test_orbax_resume_is_bit_exact(opts, tmp_path):
+    tx = rlx_optax.adamw(1e-3, **opts)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def run(p, s, seeds):
+        for i in seeds:
+            p, s = step(p, s, grads_tree(i))
+        return p, s
+
+    p0 = params_tree()
+    want = run(p0, tx.init(p0), range(6))
+    half = run(p0, tx.init(p0), range(3))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "c", {"p": half[0], "s": half[1]})
+    ckpt.wait_until_finished()
+    fresh = params_tree(5)
+    restored = ckpt.restore(tmp_path / "c", {"p": fresh, "s": tx.init(fresh)})
+    ckpt.close()
+    got = run(restored["p"], restored["s"], range(3, 6))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+@pytest.mark.parametrize("value", [1.0 + 0.3 / 128, -3.14159, 1e-3 + 1.7e-7, 7.7e4])
+def test_stochastic_rounding_is_unbiased(value):
+    """The mean of 100k roundings of one float32 value lies within 3e-5 of it, relative.
+
+    One draw deviates from the value by at most one bfloat16 ulp (2^-7 relative) with
+    standard deviation at most ulp/2, so the mean of 100k has a standard deviation of at
+    most 2^-8 / sqrt(1e5) = 1.24e-5 relative: 3e-5 is about 2.4 of those.
+    """
+    x = jnp.full((100_000,), value, jnp.float32)
+    r = rlx_optax.stochastic_round(x, jnp.bfloat16, jax.random.key(3))
+    assert r.dtype == jnp.bfloat16
+    mean = float(np.mean(np.asarray(r, np.float64)))
+    x32 = float(np.float32(value))
+    assert abs(mean - x32) <= 3e-5 * abs(x32)
+    # and every draw is one of the two neighbours
+    lo, hi = np.asarray(r, np.float64).min(), np.asarray(r, np.float64).max()
+    assert lo <= x32 <= hi and (hi - lo) <= abs(x32) * 2**-7
+
+
+def test_stochastic_rounding_keeps_non_finite_values():
+    x = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0, -0.0], jnp.float32)
+    r = np.asarray(rlx_optax.stochastic_round(x, jnp.bfloat16, jax.random.key(0)), np.float32)
+    assert r[0] == np.inf and r[1] == -np.inf and np.isnan(r[2]) and r[3] == 0 and r[4] == 0
+
+
+def test_rounding_is_reproducible_per_step_and_leaf():
+    p = {"a": jnp.full((4096,), 1.0, jnp.bfloat16), "b": jnp.full((4096,), 1.0, jnp.bfloat16)}
+    u = {"a": jnp.full((4096,), 1e-3), "b": jnp.full((4096,), 1e-3)}
+    r1 = rlx_optax.apply_updates_stochastic(p, u, step=7)
+    r2 = jax.jit(rlx_optax.apply_updates_stochastic)(p, u, 7)
+    r3 = rlx_optax.apply_updates_stochastic(p, u, step=8)
+    np.testing.assert_array_equal(np.asarray(r1["a"]), np.asarray(r2["a"]))  # same bits
+    assert not np.array_equal(np.asarray(r1["a"]), np.asarray(r3["a"]))  # another step
+    assert not np.array_equal(np.asarray(r1["a"]), np.asarray(r1["b"]))  # another leaf
+    # float32 leaves are applied as optax does
+    q = {"x": jnp.ones(3)}
+    np.testing.assert_array_equal(
+        rlx_optax.apply_updates_stochastic(q, {"x": jnp.full(3, 0.1)}, 0)["x"],
+        optax.apply_updates(q, {"x": jnp.full(3, 0.1)})["x"],
+    )
+
+
+def test_bf16_parameters_follow_float32_with_stochastic_rounding():
+    """Updates of 1e-4 (1/40 of a bfloat16 ulp at 1.0) vanish with round-to-nearest; rounded
+    stochastically they accumulate: after 1000 steps of -1e-4 the float32 parameter is 0.9,
+    and the bfloat16 one is within 2e-3 of it on average over 4096 entries (each entry a sum
+    of independent roundings, standard deviation about 4e-3 / sqrt(4096) per entry mean)."""
+    n, steps_, du = 4096, 1000, -1e-4
+    p_sr = {"w": jnp.ones((n,), jnp.bfloat16)}
+    p_rn = {"w": jnp.ones((n,), jnp.bfloat16)}
+    u = {"w": jnp.full((n,), du, jnp.float32)}
+    sr = jax.jit(rlx_optax.apply_updates_stochastic)
+    rn = jax.jit(optax.apply_updates)
+    for t in range(steps_):
+        p_sr = sr(p_sr, u, t)
+        p_rn = rn(p_rn, u)
+    want = 1.0 + steps_ * du
+    assert float(jnp.mean(p_rn["w"].astype(jnp.float32))) == 1.0  # nothing moved
+    assert abs(float(jnp.mean(p_sr["w"].astype(jnp.float32))) - want) < 2e-3
+
+
+def _ema_float64(g: np.ndarray, b2: float, steps: int) -> np.ndarray:
+    v = np.zeros_like(g, np.float64)
+    for _ in range(steps):
+        v = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+    return v
+
+
+def test_bf16_second_moment_with_stochastic_rounding_tracks_float64():
+    """Adam's v with b2 = 0.999 in bfloat16: rounded to nearest it stalls once the increment
+    (1e-3 of g^2) drops below half an ulp; rounded stochastically its mean over 8192 entries
+    stays within 1% of the float64 moving average after 2000 steps."""
+    g = {"w": jnp.ones((8192,), jnp.float32)}
+    want = float(_ema_float64(np.ones(1), 0.999, 2000)[0])  # 1 - 0.999^2000 = 0.865
+    got = {}
+    for sr in (False, True):
+        tx = rlx_optax.scale_by_adam(nu_dtype=jnp.bfloat16, stochastic_rounding=sr)
+        s = tx.init(g)
+        step = jax.jit(tx.update)
+        for _ in range(2000):
+            _, s = step(g, s)
+        got[sr] = float(jnp.mean(s.nu["w"].astype(jnp.float32)))
+    assert abs(got[True] - want) < 0.01 * want
+    assert abs(got[False] - want) > 0.1 * want  # the stall stochastic rounding removes
