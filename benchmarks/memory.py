@@ -99,7 +99,20 @@ PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
     **{name: {"bf16": {"mu_dtype": _BF16}, "q8": None} for name in ("muon", "mars", "kron_psgd")},
     **{name: {"bf16": None, "q8": None} for name in ("soap", "adafactor", "stiefel")},
 }
+# Rows with a configuration of their own: Adafactor keeps a momentum only when asked.
+EXTRA_ROWS = {
+    "adafactor (momentum 0.9)": (
+        "adafactor",
+        {"momentum": 0.9},
+        {
+            "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
+            "q8": {"mu_dtype": "q8"},
+        },
+    )
+}
 PARTIAL = {
+    "adafactor": "no first moment unless momentum is set (next row)",
+    "adafactor (momentum 0.9)": "the momentum; the factored second moment float32",
     "sophia": "mu only (h float32)",
     "muon": "mu only",
     "mars": "mu only",
@@ -123,15 +136,27 @@ def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
     params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
     n = elementwise.n_params(params)
     results = []
-    for row in registry.ALGORITHMS:
-        base, _ = elementwise.OPTAX_PEERS.get(row.name, ({}, None))  # sgd: momentum 0.9
-        entry: dict[str, Any] = {"name": row.name}
-        for label, extra in (("float32", {}), *PRECISIONS[row.name].items()):
+    configs = [
+        (
+            row.name,
+            row.factory,
+            elementwise.OPTAX_PEERS.get(row.name, ({}, None))[0],
+            PRECISIONS[row.name],
+        )  # sgd: momentum 0.9, as the optax peer
+        for row in registry.ALGORITHMS
+    ]
+    configs += [
+        (label, registry.get(name).factory, base, options)
+        for label, (name, base, options) in EXTRA_ROWS.items()
+    ]
+    for name, factory, base, options in configs:
+        entry: dict[str, Any] = {"name": name}
+        for label, extra in (("float32", {}), *options.items()):
             if extra is None:
                 entry[label] = None
                 continue
-            entry[label] = state_bytes(row.factory(LR, **base, **extra), params) / n
-        entry["note"] = PARTIAL.get(row.name, "")
+            entry[label] = state_bytes(factory(LR, **base, **extra), params) / n
+        entry["note"] = PARTIAL.get(name, "")
         results.append(entry)
     return {
         "benchmark": "memory_precision",

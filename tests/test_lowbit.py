@@ -25,6 +25,7 @@ Q8_FACTORIES = {
     "lion": {"mu_dtype": "q8"},
     "sgd": {"momentum": 0.9, "accumulator_dtype": "q8"},
     "sophia": {"mu_dtype": "q8"},
+    "adafactor": {"momentum": 0.9, "mu_dtype": "q8"},
 }
 
 
@@ -132,6 +133,9 @@ def test_quantized_state_follows_the_float32_run(name):
     top and a coarser relative step for entries decades below it)."""
     kw = dict(Q8_FACTORIES[name])
     base = {k: v for k, v in kw.items() if k == "momentum"}
+    if name == "adafactor":  # also the reference's momentum of the update
+        kw = dict(kw, behaviour="reference")
+        base = dict(base, behaviour="reference")
     p0 = params_tree()
     out = []
     for opts in (base, kw):

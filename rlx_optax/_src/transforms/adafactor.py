@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _lowbit
 
 _FACTORED = ("rank2", "last_two", "none")
 _CLIPPING_RULES = ("crate", "paper")
@@ -118,8 +119,11 @@ def _direction(g, ia, ic, sat_row, sat_col, cap):
     return g * jnp.where(sat_row[..., :, None] | sat_col[..., None, :], 0, w)
 
 
-def _momentum_zeros(params: optax.Params) -> optax.Params:
-    """The first moment: float32 (float64 for float64 parameters)."""
+def _momentum_zeros(params: optax.Params, mu_dtype: Any = None) -> optax.Params:
+    """The first moment: float32 (float64 for float64 parameters) unless `mu_dtype` (a
+    floating dtype or "q8", see `_lowbit`) says otherwise."""
+    if mu_dtype is not None:
+        return _lowbit.init_tree(params, mu_dtype, signed=True)
     return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=common.compute_dtype(p.dtype)), params)
 
 
@@ -141,6 +145,8 @@ def scale_by_adafactor(
     factored_normalization: str = "sum",
     clipping_rule: str = "crate",
     momentum: float | None = None,
+    mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Adafactor's clipped, second-moment-normalised direction (no step size, no decay).
 
@@ -173,6 +179,9 @@ def scale_by_adafactor(
         (:math:`\max(1, \mathrm{RMS}/d)`); identical for :math:`d = 1`.
       momentum: :math:`\beta_1` of an EMA of the clipped update (None: no first moment, the
         crate's behaviour), in [0, 1).
+      mu_dtype: storage of the momentum: None (float32, the compute dtype), a floating dtype
+        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -186,6 +195,7 @@ def scale_by_adafactor(
     if momentum is not None:
         common.check_beta("momentum", momentum)
     common.check_range("min_dim_size_to_factor", min_dim_size_to_factor, 1)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
 
     def init_fn(params):
         common.reject_complex(params, "adafactor")
@@ -203,7 +213,7 @@ def scale_by_adafactor(
             return _placeholder(dt), _placeholder(dt), jnp.zeros_like(p, dtype=dt)
 
         v_row, v_col, v = common.tree_map_multi(leaf, 3, params)
-        mu = None if momentum is None else _momentum_zeros(params)
+        mu = None if momentum is None else _momentum_zeros(params, mu_dtype)
         return AdafactorState(jnp.zeros([], jnp.int32), v_row, v_col, v, mu)
 
     def update_fn(updates, state, params=None):
@@ -218,7 +228,7 @@ def scale_by_adafactor(
         )
         count = optax.safe_increment(state.count)
 
-        def leaf(g, v_row, v_col, v, m=None):
+        def leaf(g, v_row, v_col, v, m=None, i=0):
             ct = common.compute_dtype(g.dtype)
             beta2 = 1 - count.astype(ct) ** jnp.asarray(beta2_decay, ct)
             e1 = jnp.asarray(eps, ct)
@@ -238,8 +248,15 @@ def scale_by_adafactor(
             u = u / jnp.maximum(1.0, rms * d if clipping_rule == "crate" else rms / d)
             if m is not None:
                 b1 = jnp.asarray(momentum, ct)
-                m = b1 * m.astype(ct) + (1 - b1) * u
-                u = m
+                u = b1 * _lowbit.read(m, ct) + (1 - b1) * u
+                m = _lowbit.write(
+                    u,
+                    m,
+                    stochastic=stochastic_rounding,
+                    step=count,
+                    leaf=i,
+                    salt=_lowbit.SALT_MU,
+                )
             return u.astype(g.dtype), v_row, v_col, v, m
 
         if state.mu is None:
@@ -248,10 +265,10 @@ def scale_by_adafactor(
             )
             mu = None
         else:
+            index = _lowbit.leaf_indices(updates)
             *out, mu = common.tree_map_multi(
-                leaf, 5, updates, state.v_row, state.v_col, state.v, state.mu
+                leaf, 5, updates, state.v_row, state.v_col, state.v, state.mu, index
             )
-            mu = optax.tree.cast_like(mu, state.mu)
         u, v_row, v_col, v = out
         v_row = optax.tree.cast_like(v_row, state.v_row)
         v_col = optax.tree.cast_like(v_col, state.v_col)
@@ -300,6 +317,8 @@ def scale_by_adafactor_step_size(
     momentum: float | None = None,
     weight_decay: Any = 0.0,
     mask: common.MaskOrFn = None,
+    mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Multiply updates by :math:`-\alpha_t`, Adafactor's step size.
 
@@ -323,6 +342,8 @@ def scale_by_adafactor_step_size(
       momentum: :math:`\beta_1` of the average of the scaled update (None: none).
       weight_decay: :math:`\lambda`, decoupled, times :math:`\alpha_t`, outside the average.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
+      mu_dtype: storage of the momentum: None (float32), a floating dtype or ``"q8"``.
+      stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformation`; `update` needs `params` when the parameter scale is
@@ -339,12 +360,13 @@ def scale_by_adafactor_step_size(
     )
     if momentum is not None:
         common.check_beta("momentum", momentum)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
     rate = None if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
     decay = common.add_decayed_weights(weight_decay, mask)
 
     def init_fn(params):
         inner = rate.init(params) if rate is not None else common.EmptyState()
-        mu = None if momentum is None else _momentum_zeros(params)
+        mu = None if momentum is None else _momentum_zeros(params, mu_dtype)
         return ScaleByStepSizeState(jnp.zeros([], jnp.int32), inner, mu)
 
     def relative(u, count):
@@ -361,19 +383,29 @@ def scale_by_adafactor_step_size(
         if momentum is None:
             return updates, ScaleByStepSizeState(count, inner, state.mu)
 
-        def average(u, m):
+        def average(u, m, i):
             ct = common.compute_dtype(u.dtype)
             b1 = jnp.asarray(momentum, ct)
-            return b1 * m.astype(ct) + (1 - b1) * u.astype(ct)
+            new = b1 * _lowbit.read(m, ct) + (1 - b1) * u.astype(ct)
+            stored = _lowbit.write(
+                new,
+                m,
+                stochastic=stochastic_rounding,
+                step=count,
+                leaf=i,
+                salt=_lowbit.SALT_MU,
+            )
+            return new, stored
 
-        mu = common.tree_map_none(average, updates, state.mu)
+        index = _lowbit.leaf_indices(updates)
+        mu, mu_stored = common.tree_map_multi(average, 2, updates, state.mu, index)
         updates = common.tree_map_none(lambda m, u: m.astype(u.dtype), mu, updates)
         zeros = common.tree_map_none(jnp.zeros_like, updates)
         decayed, _ = decay.update(zeros, decay.init(params), params)
         if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
             decayed, _ = scaled(decayed, state, count, params)
             updates = common.tree_map_none(lambda u, d: u + d, updates, decayed)
-        return updates, ScaleByStepSizeState(count, inner, optax.tree.cast_like(mu, state.mu))
+        return updates, ScaleByStepSizeState(count, inner, mu_stored)
 
     def scaled(updates, state, count, params):
         inner = state.schedule
@@ -414,6 +446,8 @@ def adafactor(
     multiply_by_parameter_scale: bool | None = None,
     behaviour: str = "crate",
     mask: common.MaskOrFn = None,
+    mu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adafactor, as the crate's `Adafactor`, with switches to Shazeer & Stern's reference.
 
@@ -464,6 +498,9 @@ def adafactor(
       behaviour: ``"crate"`` or ``"reference"`` (factored ``"last_two"``, normalization
         ``"mean"``, clipping ``"paper"``, momentum of the update, parameter scale always).
       mask: pytree (or callable) of booleans selecting the leaves decayed.
+      mu_dtype: storage of the momentum (with `momentum`): None (float32), a floating dtype
+        or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+      stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -511,6 +548,8 @@ def adafactor(
         factored_normalization=opts["factored_normalization"],
         clipping_rule=opts["clipping_rule"],
         momentum=None if after else momentum,
+        mu_dtype=mu_dtype,
+        stochastic_rounding=stochastic_rounding,
     )
     step_size = scale_by_adafactor_step_size(
         learning_rate,
@@ -519,6 +558,8 @@ def adafactor(
         momentum=momentum if after else None,
         weight_decay=weight_decay if after else 0.0,
         mask=mask if after else None,
+        mu_dtype=mu_dtype,
+        stochastic_rounding=stochastic_rounding,
     )
     if after:
         common.check_non_negative("weight_decay", weight_decay)
