@@ -10,6 +10,12 @@ its moments stored as
 - ``q8``: ``mu_dtype = nu_dtype = "q8"`` (8-bit block-wise; leaves under 4096 elements stay
   float32: the digits MLP quantizes its (64, 128) layer, the transformer its matrices).
 
+and, with bfloat16 *parameters* (gradients in bfloat16, moments float32, the loss evaluated
+on the bfloat16 parameters), the parameter update applied
+
+- ``bf16 params, nearest``: by `optax.apply_updates` (rounded to nearest);
+- ``bf16 params, sr``: by `rlx_optax.apply_updates_stochastic` (rounded stochastically).
+
 Reports the final validation loss (mean and standard deviation over the seeds) and its
 difference from float32. Run: ``python benchmarks/precision_convergence.py [--small]``;
 writes ``benchmarks/out/precision_convergence.json``.
@@ -21,8 +27,10 @@ import argparse
 import sys
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 try:
     from benchmarks import convergence, harness
@@ -39,6 +47,33 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-nearest": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16},
     "q8": {"mu_dtype": "q8", "nu_dtype": "q8"},
 }
+
+
+PARAM_VARIANTS = {
+    "bf16 params, nearest": lambda p, u, t: optax.apply_updates(p, u),
+    "bf16 params, sr": rlx_optax.apply_updates_stochastic,
+}
+
+
+def make_train_bf16(problem, steps: int, apply) -> Any:
+    """A jitted ``(lr, params, batches, seed) -> final eval loss`` with bfloat16 parameters."""
+
+    def train(lr, params, batches, seed):
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        tx = rlx_optax.adamw(lr, weight_decay=0.01, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+        state = tx.init(params)
+
+        def step(carry, xs):
+            params, state = carry
+            t, batch = xs
+            grads = jax.grad(problem.loss)(params, batch)
+            updates, state = tx.update(grads, state, params)
+            return (apply(params, updates, t), state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, state), (jnp.arange(steps), batches))
+        return problem.eval_loss(params, seed)
+
+    return jax.jit(train)
 
 
 def run(small: bool = False, problems: list[str] | None = None) -> dict[str, Any]:
@@ -71,7 +106,18 @@ def run(small: bool = False, problems: list[str] | None = None) -> dict[str, Any
                 "mean": float(np.mean(finals)),
                 "std": float(np.std(finals)),
             }
-        for name in VARIANTS:
+        for name, apply in PARAM_VARIANTS.items():
+            train = make_train_bf16(problem, steps, apply)
+            finals = [
+                float(train(jnp.float32(lr), params, batches, s))
+                for s, (params, batches) in data.items()
+            ]
+            res[name] = {
+                "final": finals,
+                "mean": float(np.mean(finals)),
+                "std": float(np.std(finals)),
+            }
+        for name in res:
             res[name]["minus_float32"] = res[name]["mean"] - res["float32"]["mean"]
         out["problems"][problem.name] = {"steps": steps, "results": res}
     return out
