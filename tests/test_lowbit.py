@@ -86,6 +86,32 @@ def test_every_code_is_the_nearest_code_of_its_block_scaled_value(signed):
     np.testing.assert_allclose(back, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_at_the_hard_places(signed):
+    """Every code value, every midpoint between neighbours, the values one float32 ulp either
+    side of them and the powers of ten, in blocks whose maximum is 1 (so the scaled value is
+    the value itself): the chosen code is a nearest one (brute force over the table)."""
+    table = (_lowbit.signed_code() if signed else _lowbit.unsigned_code()).astype(np.float32)
+    mags = np.abs(table)
+    mids = (mags[1:] + mags[:-1]) / 2
+    points = np.concatenate([mags, mids, 10.0 ** -np.arange(0, 10), [0.0]]).astype(np.float32)
+    points = np.concatenate(
+        [points, np.nextafter(points, np.float32(2)), np.nextafter(points, np.float32(-1))]
+    )
+    points = np.clip(points, 0, 1)
+    if signed:
+        points = np.concatenate([points, -points])
+    n = -(-len(points) // 255) * 255
+    body = np.resize(points, n).reshape(-1, 255)
+    x = np.concatenate([np.ones((body.shape[0], 1), np.float32), body], axis=1)  # max 1
+    q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed)
+    assert np.all(np.asarray(q.scale) == 1.0)
+    index = np.asarray(q.codes).astype(np.int64) + (127 if signed else 0)
+    chosen = table.astype(np.float64)[index]
+    best = np.min(np.abs(x[..., None].astype(np.float64) - table[None, None, :]), axis=-1)
+    np.testing.assert_array_equal(np.abs(x - chosen), best)
+
+
 def test_codes_have_the_documented_shape():
     signed, unsigned = _lowbit.signed_code(), _lowbit.unsigned_code()
     assert signed.shape == unsigned.shape == (255,)
@@ -246,7 +272,7 @@ def test_stochastic_rounding_is_unbiased(value):
     most 2^-8 / sqrt(1e5) = 1.24e-5 relative: 3e-5 is about 2.4 of those.
     """
     x = jnp.full((100_000,), value, jnp.float32)
-    r = rlx_optax.stochastic_round(x, jnp.bfloat16, jax.random.key(3))
+    r = rlx_optax.stochastic_round(x, jnp.bfloat16, seed=3)
     assert r.dtype == jnp.bfloat16
     mean = float(np.mean(np.asarray(r, np.float64)))
     x32 = float(np.float32(value))
@@ -258,7 +284,7 @@ def test_stochastic_rounding_is_unbiased(value):
 
 def test_stochastic_rounding_keeps_non_finite_values():
     x = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0, -0.0], jnp.float32)
-    r = np.asarray(rlx_optax.stochastic_round(x, jnp.bfloat16, jax.random.key(0)), np.float32)
+    r = np.asarray(rlx_optax.stochastic_round(x, jnp.bfloat16, seed=0), np.float32)
     assert r[0] == np.inf and r[1] == -np.inf and np.isnan(r[2]) and r[3] == 0 and r[4] == 0
 
 

@@ -11,9 +11,10 @@ argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
   unsigned dynamic code without zero. Leaves under `MIN_QUANTIZED_SIZE` elements (and
   complex leaves) are kept unquantized, in float32 (the compute dtype).
 
-The randomness of stochastic rounding is derived from the step count and the leaf's index
-(`jax.random.fold_in`), so there is no key to thread and a resumed run rounds as the
-uninterrupted one did.
+The randomness of stochastic rounding is a counter-based stream: a hash of the element's
+index within its leaf and of a seed that hashes the step count, the leaf's index and the
+stored quantity. There is no key to thread, a resumed run rounds as the uninterrupted one did,
+and the bits of an element do not depend on how the array is sharded.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def signed_code() -> np.ndarray:
     """The 255 values of the signed code for first moments: ``0``, and ``±`` 127 dynamic
     magnitudes down to 1e-6 of the block maximum; ascending, float32. Stored as int8
     ``c`` meaning ``code[c + 127]``."""
-    pos = _dynamic_magnitudes(7)  # 127 values
+    pos = _dynamic_magnitudes(_SIGNED_DECADES)  # 127 values
     return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
 
 
@@ -75,7 +76,7 @@ def unsigned_code() -> np.ndarray:
     """The 255 values of the unsigned code for second moments: 255 dynamic magnitudes from
     1e-8 to 1 of the block maximum, **without zero** (a second moment rounded to zero would
     turn ``m / (sqrt(v) + eps)`` into ``m / eps``); ascending, float32. Stored as uint8."""
-    return _dynamic_magnitudes(8).astype(np.float32)
+    return _dynamic_magnitudes(_UNSIGNED_DECADES).astype(np.float32)
 
 
 class QuantizedArray(NamedTuple):
@@ -101,6 +102,35 @@ class QuantizedArray(NamedTuple):
         return self.codes.dtype == jnp.int8
 
 
+_SIGNED_DECADES, _UNSIGNED_DECADES = 7, 8
+
+
+def _nearest_magnitude(a: jax.Array, magnitudes: np.ndarray, decades: int, zero: bool):
+    """The index into `magnitudes` (``[0] + dynamic`` when `zero`, else the dynamic values of
+    `decades` decades) of the value nearest to each ``a`` in [0, 1] (ties to the smaller).
+
+    The decade and the linear position within it give the index up to rounding; the nearest
+    of the five table entries around it is exact (a value lies between two neighbouring
+    entries, and the estimate is within one of them).
+    """
+    table = jnp.asarray(magnitudes)
+    safe = jnp.maximum(a, jnp.float32(1e-30))
+    i = jnp.clip(jnp.floor(jnp.log10(safe)) + decades, 0, decades - 1)
+    top = jnp.power(jnp.float32(10.0), i - (decades - 1))
+    n = jnp.exp2(i)
+    k = jnp.clip(jnp.round((a / top - 0.1) * n / 0.9), 0, n + 1)
+    idx = (n - 1 + k - 1 + (1 if zero else 0)).astype(jnp.int32)
+    last = table.shape[0] - 1
+    best = jnp.clip(idx - 2, 0, last)
+    err = jnp.abs(a - table[best])
+    for d in (-1, 0, 1, 2):
+        c = jnp.clip(idx + d, 0, last)
+        e = jnp.abs(a - table[c])
+        better = e < err
+        best, err = jnp.where(better, c, best), jnp.where(better, e, err)
+    return best
+
+
 def _blocks(x: jax.Array) -> tuple[jax.Array, int]:
     """`x` zero-padded along the last axis and reshaped to ``(..., n_blocks, BLOCK)``."""
     last = x.shape[-1]
@@ -116,20 +146,20 @@ def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
 
     The scale of a block is its largest magnitude (0 for an all-zero block, which then
     dequantizes to exact zeros); each element gets the code nearest to ``x / scale`` (ties to
-    the smaller code).
+    the smaller magnitude).
     """
     x32 = jnp.asarray(x, jnp.float32)
     b, last = _blocks(x32)
     scale = jnp.max(jnp.abs(b), axis=-1)
     safe = jnp.where(scale > 0, scale, 1.0)
     y = b / safe[..., None]
-    table = jnp.asarray(signed_code() if signed else unsigned_code())
-    mids = (table[1:] + table[:-1]) / 2
-    idx = jnp.searchsorted(mids, y, side="left")
-    if signed:
-        codes = (idx - (table.shape[0] // 2)).astype(jnp.int8)
+    if signed:  # the code is symmetric: the nearest magnitude, with the sign of y
+        code = signed_code()
+        m = _nearest_magnitude(jnp.abs(y), code[code.shape[0] // 2 :], _SIGNED_DECADES, True)
+        codes = jnp.where(y < 0, -m, m).astype(jnp.int8)
     else:
-        codes = idx.astype(jnp.uint8)
+        m = _nearest_magnitude(y, unsigned_code(), _UNSIGNED_DECADES, False)
+        codes = m.astype(jnp.uint8)
     codes = codes.reshape(*codes.shape[:-2], -1)[..., :last]
     return QuantizedArray(codes=codes, scale=scale)
 
@@ -161,27 +191,65 @@ def quantized_like(p: Any, signed: bool) -> QuantizedArray:
 # --------------------------------------------------------------------------- rounding
 
 
-def _round_key(step: jax.Array, leaf: int, salt: int) -> jax.Array:
-    key = jax.random.key(_BASE_SEED)
-    key = jax.random.fold_in(key, salt)
-    key = jax.random.fold_in(key, leaf)
-    return jax.random.fold_in(key, jnp.asarray(step, jnp.uint32))
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash (xor-shift / multiply rounds with constants of low
+    bias, after C. Wellons' hash-prospector search): consecutive inputs give unrelated
+    outputs."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+def _round_key(step: Any, leaf: int, salt: int) -> jax.Array:
+    """The uint32 seed of the stream of (`step`, `leaf`, `salt`)."""
+    seed = _mix(jnp.uint32(_BASE_SEED) ^ jnp.uint32(salt))
+    seed = _mix(seed + jnp.uint32(leaf))
+    return _mix(seed + jnp.asarray(step).astype(jnp.uint32))
+
+
+def random_bits(shape: tuple[int, ...], seed: Any) -> jax.Array:
+    """uint32 bits of `shape`, element ``i`` (row-major index) a hash of ``i`` and `seed`:
+    the same for the same seed on every backend and under every sharding."""
+    n = math.prod(shape)
+    index = jax.lax.iota(jnp.uint32, n).reshape(shape)
+    seed = jnp.asarray(seed).astype(jnp.uint32)
+    return _mix(_mix(index ^ seed) + _mix(seed ^ jnp.uint32(0x9E3779B9)))
+
+
+def stochastic_round(x: jax.Array, dtype: Any = jnp.bfloat16, *, seed: Any = 0) -> jax.Array:
     """`x` (float32) rounded to `dtype` (bfloat16) up or down at random, unbiased:
     ``E[result] = x`` for every finite `x` within `dtype`'s range.
 
     Adds 16 random bits below bfloat16's last mantissa bit and truncates: the result rounds
     away from zero with probability equal to the dropped fraction. Non-finite values are
     rounded to nearest (they stay what they are). Other target dtypes: a plain cast.
+
+    Args:
+      x: a float32 array.
+      dtype: the target dtype (bfloat16 is rounded stochastically).
+      seed: an integer (or uint32 scalar) selecting the random stream: the same seed gives
+        the same bits.
+
+    Returns:
+      `x` in `dtype`.
+
+    Example:
+      >>> import jax.numpy as jnp, rlx_optax
+      >>> x = jnp.full(10_000, 1.0 + 2.0**-10)  # 1/8 of the way from 1 to the next bfloat16
+      >>> r = rlx_optax.stochastic_round(x, jnp.bfloat16, seed=0)
+      >>> sorted({float(v) for v in r})
+      [1.0, 1.0078125]
+      >>> round(float(r.astype(jnp.float32).mean()), 3)
+      1.001
     """
     dtype = jnp.dtype(dtype)
     x = jnp.asarray(x)
     if dtype != jnp.bfloat16 or x.dtype != jnp.float32:
         return x.astype(dtype)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    noise = random_bits(x.shape, seed) >> 16
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     sr = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
     return jnp.where(jnp.isfinite(x), sr, x.astype(jnp.bfloat16))
@@ -257,7 +325,7 @@ def write(
         return quantize_blockwise(value, stored.signed)
     dtype = stored.dtype
     if stochastic and dtype == jnp.bfloat16 and value.dtype == jnp.float32:
-        return stochastic_round(value, dtype, _round_key(step, leaf, salt))
+        return stochastic_round(value, dtype, seed=_round_key(step, leaf, salt))
     return value.astype(dtype)
 
 
@@ -301,7 +369,7 @@ def apply_updates_stochastic(params: Any, updates: Any, step: Any) -> Any:
         p = jnp.asarray(p)
         if p.dtype == jnp.bfloat16:
             new = p.astype(jnp.float32) + jnp.asarray(u).astype(jnp.float32)
-            return stochastic_round(new, p.dtype, _round_key(step, i, SALT_PARAMS))
+            return stochastic_round(new, p.dtype, seed=_round_key(step, i, SALT_PARAMS))
         return jnp.asarray(p + u).astype(p.dtype)
 
     return common.tree_map_none(one, params, updates, index)
