@@ -109,21 +109,23 @@ def _nearest_magnitude(a: jax.Array, magnitudes: np.ndarray, decades: int, zero:
     """The index into `magnitudes` (``[0] + dynamic`` when `zero`, else the dynamic values of
     `decades` decades) of the value nearest to each ``a`` in [0, 1] (ties to the smaller).
 
-    The decade and the linear position within it give the index up to rounding; the nearest
-    of the five table entries around it is exact (a value lies between two neighbouring
-    entries, and the estimate is within one of them).
+    The decade ``i`` of ``a`` (by comparison with the powers of ten) and the rounded position
+    ``k`` within it give the nearest entry up to the rounding of that position (``k = 0`` is
+    the previous decade's top, ``10^(i - decades)``); the nearest of the three entries around
+    it is exact.
     """
     table = jnp.asarray(magnitudes)
-    safe = jnp.maximum(a, jnp.float32(1e-30))
-    i = jnp.clip(jnp.floor(jnp.log10(safe)) + decades, 0, decades - 1)
-    top = jnp.power(jnp.float32(10.0), i - (decades - 1))
-    n = jnp.exp2(i)
-    k = jnp.clip(jnp.round((a / top - 0.1) * n / 0.9), 0, n + 1)
-    idx = (n - 1 + k - 1 + (1 if zero else 0)).astype(jnp.int32)
+    bounds = 10.0 ** np.arange(1 - decades, 0)  # 10^(1-D) .. 10^-1: the decades' lower ends
+    i = sum((a > jnp.float32(b)).astype(jnp.int32) for b in bounds)
+    tops = jnp.asarray(10.0 ** np.arange(1 - decades, 1), jnp.float32)
+    n = jnp.left_shift(1, i)
+    nf = n.astype(jnp.float32)
+    k = jnp.clip(jnp.round((a / tops[i] - 0.1) * nf / 0.9), 0, nf).astype(jnp.int32)
+    idx = n - 2 + k + (1 if zero else 0)
     last = table.shape[0] - 1
-    best = jnp.clip(idx - 2, 0, last)
+    best = jnp.clip(idx - 1, 0, last)
     err = jnp.abs(a - table[best])
-    for d in (-1, 0, 1, 2):
+    for d in (0, 1):
         c = jnp.clip(idx + d, 0, last)
         e = jnp.abs(a - table[c])
         better = e < err
