@@ -223,6 +223,41 @@ def test_jit_inject_hyperparams_and_multisteps():
             np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["name", "static_args"])
+def test_inject_hyperparams_keeps_the_storage_static(form):
+    """bf16 with stochastic rounding through inject_hyperparams: the same bits as without.
+    A dtype object is callable, which inject_hyperparams takes for a schedule: name it in
+    `static_args`, or pass the dtype's name."""
+    p0 = params_tree()
+    dtype = "bfloat16" if form == "name" else jnp.bfloat16
+    kw = {"mu_dtype": dtype, "nu_dtype": dtype, "stochastic_rounding": True}
+    static = () if form == "name" else ("mu_dtype", "nu_dtype")
+    plain = rlx_optax.adamw(1e-3, **kw)
+    injected = optax.inject_hyperparams(rlx_optax.adamw, static_args=static)(
+        learning_rate=1e-3, **kw
+    )
+    s1, s2 = plain.init(p0), injected.init(p0)
+    for i in range(3):
+        _, s1 = jax.jit(plain.update)(grads_tree(i), s1, p0)
+        _, s2 = jax.jit(injected.update)(grads_tree(i), s2, p0)
+    assert s2.inner_state[0].mu["w"].dtype == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(s1[0]), jax.tree.leaves(s2.inner_state[0]), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_complex_leaves_are_kept_unquantized():
+    p = {"z": jnp.ones((64, 64), jnp.complex64), "w": jnp.ones((64, 64))}
+    tx = rlx_optax.adamw(1e-3, mu_dtype="q8", nu_dtype="q8")
+    state = tx.init(p)
+    assert state[0].mu["z"].dtype == jnp.complex64
+    assert isinstance(state[0].mu["w"], rlx_optax.QuantizedArray)
+    g = {"z": jnp.full((64, 64), 1 - 2j, jnp.complex64), "w": jnp.ones((64, 64))}
+    u, state = jax.jit(tx.update)(g, state, p)
+    assert u["z"].dtype == jnp.complex64 and state[0].mu["z"].dtype == jnp.complex64
+    assert bool(jnp.all(jnp.isfinite(u["z"]))) and bool(jnp.all(jnp.isfinite(u["w"])))
+
+
 @pytest.mark.parametrize(
     "opts",
     [

@@ -287,7 +287,7 @@ def quantizes(p: Any) -> bool:
 
 def init_leaf(p: Any, storage: Any, signed: bool) -> Any:
     """The zero state of one leaf like `p` stored as `storage`."""
-    if isinstance(storage, str):  # Q8
+    if isinstance(storage, str) and storage == Q8:
         if quantizes(p):
             return quantized_like(p, signed)
         return jnp.zeros(p.shape, common.compute_dtype(p.dtype))
