@@ -41,6 +41,7 @@ def params_tree(seed: int = 0) -> dict:
         "e": jnp.asarray(rng.normal(size=(4096,)), jnp.float32),  # quantized, 1-d
         "s": jnp.asarray(rng.normal(size=(63, 64)), jnp.float32),  # 4032 < 4096: float32
         "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=(4096, 4)), jnp.float32),  # rows too short: float32
     }
 
 
@@ -148,7 +149,7 @@ def test_small_leaves_stay_float32_and_large_ones_are_quantized(name):
             assert isinstance(tree[key], rlx_optax.QuantizedArray), (field, key)
             want = jnp.int8 if field in ("mu", "trace") else jnp.uint8
             assert tree[key].codes.dtype == want
-        for key in ("s", "b"):
+        for key in ("s", "b", "c"):
             assert tree[key].dtype == jnp.float32 and tree[key].shape == params_tree()[key].shape
 
 

@@ -8,8 +8,9 @@ argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
   into bfloat16 either to nearest or, with ``stochastic_rounding=True``, stochastically;
 - ``"q8"`` (`Q8`): 8-bit codes plus one float32 scale per block of `BLOCK` elements along the
   last axis (`QuantizedArray`). First moments use a signed dynamic code, second moments an
-  unsigned dynamic code without zero. Leaves under `MIN_QUANTIZED_SIZE` elements (and
-  complex leaves) are kept unquantized, in float32 (the compute dtype).
+  unsigned dynamic code without zero. Leaves under `MIN_QUANTIZED_SIZE` elements, leaves
+  whose last axis is shorter than `MIN_QUANTIZED_LAST_AXIS` and complex leaves are kept
+  unquantized, in float32 (the compute dtype).
 
 The randomness of stochastic rounding is a counter-based stream: a hash of the element's
 index within its leaf and of a seed that hashes the step count, the leaf's index and the
@@ -35,6 +36,9 @@ Q8 = "q8"
 BLOCK = 256
 #: Leaves with fewer elements are kept unquantized (float32).
 MIN_QUANTIZED_SIZE = 4096
+#: Leaves whose last axis is shorter are kept unquantized (float32): one float32 scale per
+#: row of fewer than 8 elements would cost more than it saves.
+MIN_QUANTIZED_LAST_AXIS = 8
 
 # Streams of the stochastic rounding: one per stored quantity, so that two moments of one
 # leaf never share random bits.
@@ -282,6 +286,7 @@ def quantizes(p: Any) -> bool:
         jnp.issubdtype(dt, jnp.floating)
         and len(p.shape) >= 1
         and math.prod(p.shape) >= MIN_QUANTIZED_SIZE
+        and p.shape[-1] >= MIN_QUANTIZED_LAST_AXIS
     )
 
 
