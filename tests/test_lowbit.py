@@ -8,6 +8,7 @@ rounding), the sampling distribution of a mean (unbiasedness), and uninterrupted
 
 from __future__ import annotations
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,7 +268,7 @@ def test_complex_leaves_are_kept_unquantized():
     ],
     ids=["q8", "bf16-sr"],
 )
-def test_orbax_resume_is_bit_exact(opts, tmp_path):
+def test_orbax_and_flax_resume_is_bit_exact(opts, tmp_path):
     tx = rlx_optax.adamw(1e-3, **opts)
 
     @jax.jit
@@ -283,17 +284,21 @@ def test_orbax_resume_is_bit_exact(opts, tmp_path):
     p0 = params_tree()
     want = run(p0, tx.init(p0), range(6))
     half = run(p0, tx.init(p0), range(3))
+    fresh = params_tree(5)
+    target = {"p": fresh, "s": tx.init(fresh)}
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "c", {"p": half[0], "s": half[1]})
     ckpt.wait_until_finished()
-    fresh = params_tree(5)
-    restored = ckpt.restore(tmp_path / "c", {"p": fresh, "s": tx.init(fresh)})
+    restored = ckpt.restore(tmp_path / "c", target)
     ckpt.close()
-    got = run(restored["p"], restored["s"], range(3, 6))
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    blob = flax.serialization.to_bytes({"p": half[0], "s": half[1]})
+    from_flax = jax.tree.map(jnp.asarray, flax.serialization.from_bytes(target, blob))
+    for resumed in (restored, from_flax):
+        got = run(resumed["p"], resumed["s"], range(3, 6))
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------- rounding
