@@ -1,9 +1,9 @@
 """Record an orbax checkpoint of the NNX loop for the families whose state layout is stable.
 
-The checkpoint under `tests/reference_data/nnx_checkpoint/` was written by release 0.1.0
+The checkpoint `tests/checkpoints/nnx_release_0_1_0/` was written by release 0.1.0
 (before SOAP's and Kron's per-axis state became one tree per axis) for the 13 other families:
 `tests/test_nnx_loop.py` checks that the current code restores it into fresh objects, value
-for value, and trains on from it. The values are also stored in `nnx_checkpoint.npz` (NumPy,
+for value, and trains on from it. The values are also stored in `nnx_release_0_1_0.npz` (NumPy,
 independent of orbax), so the test compares what orbax restores with what was written.
 
 Run from the repository root with the release to record importable as `rlx_optax` (an
@@ -30,7 +30,7 @@ import test_nnx_loop as loop  # noqa: E402
 STABLE = tuple(
     c for c in loop.CONFIGS if c.label == c.algorithm and c.algorithm not in {"soap", "kron_psgd"}
 )
-OUT = HERE / "reference_data" / "nnx_checkpoint"
+OUT = HERE / "checkpoints" / "nnx_release_0_1_0"
 
 
 def flat_values(states: dict) -> dict[str, np.ndarray]:
@@ -51,7 +51,7 @@ def main() -> None:
         shutil.rmtree(OUT)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(OUT.absolute(), states)
-    np.savez_compressed(HERE / "reference_data" / "nnx_checkpoint.npz", **arrays)
+    np.savez_compressed(OUT.with_suffix(".npz"), **arrays)
     print(f"recorded {len(STABLE)} families, {len(arrays)} arrays")
 
 

@@ -95,12 +95,20 @@ def make_step(row, tx):
     return jax.jit(step)
 
 
+#: State fields of the matrix families that hold per-axis preconditioner matrices.
+PRECONDITIONER_FIELDS = {"stats", "bases", "factors"}
+
+
 def leaf_name(path) -> str | None:
     """The parameter a state leaf mirrors: its path ends with a `DictKey` naming a layout.
 
-    Moments (`mu['w_rows']`) end with the parameter's key; per-parameter tuples of
-    preconditioner factors (`stats['w_rows'][0]`) do not and are free to take another layout.
+    Moments (`mu['w_rows']`) end with the parameter's key. Preconditioner matrices, one tree
+    per axis (`stats[0]['w_rows']`, `factors[1]['w_rows']`), are free to take another layout
+    (a square parameter's factor has its shape, not its role).
     """
+    fields = {k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)}
+    if fields & PRECONDITIONER_FIELDS:
+        return None
     if path and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in LAYOUTS:
         return path[-1].key
     return None

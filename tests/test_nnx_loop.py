@@ -203,7 +203,18 @@ def trainer(config, moved: bool = False) -> rlx_optax.Trainer:
     return out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+#: The Trainer's checkpoints are `nnx.to_pure_dict` through orbax (checked above for every
+#: configuration); CI runs the Trainer path for one configuration of each kind of state (per-
+#: axis matrices, a PRNG key, an AdamW partition, extra `update` arguments, moments only) and
+#: `-m slow` for all 21.
+TRAINER_IN_CI = {"adamw", "soap", "kron_psgd/reference", "muon/reference", "sophia", "mars/shampoo"}
+TRAINER_CONFIGS = [
+    pytest.param(c, id=c.label, marks=() if c.label in TRAINER_IN_CI else pytest.mark.slow)
+    for c in CONFIGS
+]
+
+
+@pytest.mark.parametrize("config", TRAINER_CONFIGS)
 def test_trainer_checkpoints_resume_bit_exactly(config, tmp_path):
     first = trainer(config)
     for i in range(SPLIT):
@@ -220,7 +231,7 @@ def test_trainer_checkpoints_resume_bit_exactly(config, tmp_path):
     assert_same(nnx.state(resumed.optimizer), nnx.state(first.optimizer), config.label)
 
 
-REFERENCE = pathlib.Path(__file__).parent / "reference_data"
+RELEASE_0_1_0 = pathlib.Path(__file__).parent / "checkpoints" / "nnx_release_0_1_0"
 
 
 def test_checkpoints_of_release_0_1_0_restore():
@@ -228,7 +239,7 @@ def test_checkpoints_of_release_0_1_0_restore():
     and Kron, whose per-axis state changed layout) restores into today's objects, value for
     value against the NumPy copy written beside it (`tests/nnx_checkpoint_record.py`), and
     training continues from it."""
-    stored = np.load(REFERENCE / "nnx_checkpoint.npz")
+    stored = np.load(RELEASE_0_1_0.with_suffix(".npz"))
     labels = sorted({key.split("[")[0] for key in stored.files})
     assert len(labels) == 13 and "soap" not in labels and "kron_psgd" not in labels
     objects = {label: fresh(BY_LABEL[label]) for label in labels}
@@ -237,7 +248,7 @@ def test_checkpoints_of_release_0_1_0_restore():
         for label, (model, optimizer) in objects.items()
     }
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((REFERENCE / "nnx_checkpoint").absolute(), target)
+        restored = checkpointer.restore(RELEASE_0_1_0.absolute(), target)
     for label, (model, optimizer) in objects.items():
         nnx.update(model, restored[label]["model"])
         nnx.update(optimizer, restored[label]["opt"])

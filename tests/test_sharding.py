@@ -26,7 +26,10 @@ TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def report() -> dict:
+    # one OpenBLAS thread: concurrent LAPACK calls from the 8 device threads into a threaded
+    # OpenBLAS can stall past XLA's collective timeout (rlx_optax warns; docs/scaling.md)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env["OPENBLAS_NUM_THREADS"] = "1"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, str(WORKER), "--mesh", ",".join(KINDS)],
@@ -96,3 +99,31 @@ def test_optax_muon_fails_on_explicit_mesh_and_ours_does_not(report):
     assert ours["raised"] is None, ours
     assert ours["finite"]
     assert ours["sharding"] == "P('data', 'model')"
+
+
+_WARN_PROBE = """
+import os, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+from rlx_optax._src import linalg
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        linalg.symmetric_eigenbasis(jnp.eye(3))
+        linalg.solve_upper_triangular(jnp.eye(3), jnp.ones((3, 2)))
+print("WARNINGS", sum("OPENBLAS_NUM_THREADS=1" in str(w.message) for w in seen))
+"""
+
+
+@pytest.mark.parametrize("threads", [None, "1"])
+def test_lapack_on_several_cpu_devices_warns_once_unless_openblas_is_single_threaded(threads):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    if threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = threads
+    proc = subprocess.run(
+        [sys.executable, "-c", _WARN_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"WARNINGS {0 if threads else 1}" in proc.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlx_optax._src.linalg import _lapack
 from rlx_optax._src.linalg._sharding import explicit_shardings, like_explicit, unshard_axis
 
 Precision = jax.lax.Precision | None
@@ -52,6 +53,7 @@ def solve_upper_triangular(
     if q_replicated is not None:
         q = jax.sharding.reshard(q, q_replicated)
     b, b_sharding = unshard_axis(b, 0 if left else 1)
+    _lapack.check_cpu_blas_threads()
     out = jax.lax.linalg.triangular_solve(
         q.astype(ct), b.astype(ct), left_side=left, lower=False, transpose_a=transpose
     )

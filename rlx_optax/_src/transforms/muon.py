@@ -349,15 +349,15 @@ def muon(
 
     Example:
       >>> import jax, jax.numpy as jnp, rlx_optax
-      >>> tx = rlx_optax.muon(0.02)
+      >>> tx = rlx_optax.muon(3e-3)  # the crate scale's measured starting rate
       >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
       >>> state = tx.init(params)
       >>> grads = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
       >>> updates, state = tx.update(grads, state)
-      >>> round(float(updates["b"][0]), 4)  # SGD momentum: -lr * (1 + 0.95)
-      -0.039
+      >>> round(float(updates["b"][0]), 5)  # SGD momentum: -lr * (1 + 0.95)
+      -0.00585
       >>> # -lr * sqrt(max(4, 2)) * NS(g): the quintic maps g's one singular value to 0.70
-      >>> round(float(jnp.linalg.norm(updates["w"], ord=2)) / (0.02 * 2.0), 2)
+      >>> round(float(jnp.linalg.norm(updates["w"], ord=2)) / (3e-3 * 2.0), 2)
       0.7
 
       Attention kernels, embeddings and norms (a Flax NNX model: ``nnx.Optimizer(model, tx,
