@@ -11,6 +11,7 @@ from rlx_optax._src.schedules import CosineAnnealingLR as CosineAnnealingLR
 from rlx_optax._src.schedules import EpochScheduler as EpochScheduler
 from rlx_optax._src.schedules import StepLR as StepLR
 from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
+from rlx_optax._src.sharding import state_shardings as state_shardings
 from rlx_optax._src.stateful import Optimizer as Optimizer
 from rlx_optax._src.transforms._lowbit import QuantizedArray as QuantizedArray
 from rlx_optax._src.transforms._lowbit import apply_updates_stochastic as apply_updates_stochastic
@@ -140,6 +141,7 @@ __all__ = [
     "adam",
     "adamw",
     "apply_updates_stochastic",
+    "state_shardings",
     "clip_by_global_norm_logged",
     "clip_grad_norm",
     "constant_hessian_diag",

@@ -86,6 +86,7 @@ def _groups():
             "Low-precision state (quantisation, stochastic rounding)",
             lambda n: "quantiz" in n.lower() or "stochastic" in n,
         ),
+        ("Sharded training", lambda n: n == "state_shardings"),
         ("Gradient clipping", lambda n: "clip" in n or n == "l2_norm"),
         (
             "Learning-rate schedulers",
