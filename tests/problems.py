@@ -63,3 +63,16 @@ def random_grads(params: dict, n: int, seed: int = 1, scale: float = 1.0) -> lis
 
 
 PROBLEMS = {"quadratic": quadratic, "least_squares": least_squares}
+
+
+def ns64(x, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
+    """The crate's newton_schulz_orth, float64, written out directly."""
+    x = np.asarray(x, np.float64)
+    t = x.shape[0] > x.shape[1]
+    X = x.T if t else x
+    X = X / max(np.linalg.norm(X), 1e-12)
+    a, b, c = coeffs
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if t else X

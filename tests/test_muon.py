@@ -11,6 +11,7 @@ import pytest
 
 import rlx_optax
 from tests import problems
+from tests.problems import ns64
 
 STEPS = 4
 
@@ -21,19 +22,6 @@ def _tree(seed=0):
 
 def _grads(params, n, seed=1):
     return problems.random_grads(params, n, seed)
-
-
-def ns64(x, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
-    """The crate's newton_schulz_orth, float64, written out directly."""
-    x = np.asarray(x, np.float64)
-    t = x.shape[0] > x.shape[1]
-    X = x.T if t else x
-    X = X / max(np.linalg.norm(X), 1e-12)
-    a, b, c = coeffs
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.T if t else X
 
 
 def muon64(params, grads_seq, lr, mu=0.95, nesterov=True, wd=0.0, *, scale="crate",

@@ -16,23 +16,12 @@ import pytest
 
 import rlx_optax
 from rlx_optax import MatrixAxes, MuonLabels
+from tests.problems import ns64
 
 nnx = pytest.importorskip("flax.nnx")
 
 LR = 0.02
 CUBIC = (1.5, -0.5, 0.0)
-
-
-def ns64(x, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
-    x = np.asarray(x, np.float64)
-    t = x.shape[0] > x.shape[1]
-    X = x.T if t else x
-    X = X / max(np.linalg.norm(X), 1e-12)
-    a, b, c = coeffs
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.T if t else X
 
 
 def polar64(x):
