@@ -28,7 +28,15 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import convergence, elementwise, harness, lr_sweep, memory, model  # noqa: E402
+from benchmarks import (  # noqa: E402
+    convergence,
+    distributed,
+    elementwise,
+    harness,
+    lr_sweep,
+    memory,
+    model,
+)
 
 # Module -> (arguments for a full run, arguments for a smoke run or None to skip it there,
 # title in RESULTS.md). `SOURCE` names the file of an entry that is another's mode.
@@ -50,6 +58,11 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
         [],
         ["--small", "--problems", "digits", "--max-rates", "3"],
         "Learning rates: every configuration on a log grid",
+    ),
+    "distributed": (
+        [],
+        ["--quick", "--mesh", "fsdp8", "--config", "muon", "adamw"],
+        "Sharded training: per-device programs on 8 devices",
     ),
 }
 SOURCE = {"kron_soap_large": "kron_soap"}
@@ -245,6 +258,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = render_convergence(payload, plots)
         elif name == "lr_sweep":
             body = render_lr_sweep(payload)
+        elif name == "distributed":
+            body = distributed.render(payload)
         else:
             body = render_generic(payload)
         source = SOURCE.get(name, name)
