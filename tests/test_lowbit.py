@@ -114,6 +114,30 @@ def test_nearest_code_at_the_hard_places(signed):
     np.testing.assert_array_equal(np.abs(x - chosen), best)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_over_a_sweep_of_float32_values(signed):
+    """Every 4099th float32 bit pattern in [0, 1] (and 1 itself), as the scaled value of a
+    block whose maximum is 1: the arithmetic encoder picks a nearest code (brute force over
+    the sorted table: the neighbours on either side), and decoding gives the table's values
+    exactly."""
+    table = (_lowbit.signed_code() if signed else _lowbit.unsigned_code()).astype(np.float32)
+    top = int(np.float32(1).view(np.int32))
+    bits = np.append(np.arange(0, top, 4099), top).astype(np.int32)
+    a = bits.view(np.float32)
+    a = np.concatenate([a, np.zeros(-len(a) % 255, np.float32)]).reshape(-1, 255)
+    if signed:
+        a[::2] *= -1
+    x = np.concatenate([np.ones((a.shape[0], 1), np.float32), a], axis=1)
+    q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed)
+    index = np.asarray(q.codes).astype(np.int64) + (127 if signed else 0)
+    t64 = table.astype(np.float64)
+    pos = np.searchsorted(t64, x.astype(np.float64))
+    near = np.stack([np.clip(pos - 1, 0, 254), np.clip(pos, 0, 254)])
+    best = np.min(np.abs(x[None].astype(np.float64) - t64[near]), axis=0)
+    np.testing.assert_array_equal(np.abs(x - t64[index]), best)
+    np.testing.assert_array_equal(np.asarray(rlx_optax.dequantize_blockwise(q)), table[index])
+
+
 def test_codes_have_the_documented_shape():
     signed, unsigned = _lowbit.signed_code(), _lowbit.unsigned_code()
     assert signed.shape == unsigned.shape == (255,)

@@ -1,0 +1,162 @@
+"""Step time of low-precision optimizer state relative to float32 (issue 21).
+
+A jitted, donated ``update + apply_updates`` of AdamW (and a few other families) on the
+transformer tree of `benchmarks/model.py` (d=256, 4 layers: 3.15M float32 parameters), with
+the moments stored in float32, bfloat16 with stochastic rounding, and 8-bit block-wise
+(``"q8"``). The configurations are timed in one process, interleaved round by round
+(paired), and each round's time is divided by the float32 time of the same round; the table
+gives the median ratio over the rounds. Also times `quantize_blockwise` and
+`dequantize_blockwise` alone, per element.
+
+Run: ``python benchmarks/precision_speed.py [--rounds N] [--only adamw lion ...]``; writes
+``benchmarks/out/precision_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+try:
+    from benchmarks import harness, model
+except ImportError:  # run as a script
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks import harness, model
+
+import rlx_optax
+
+LR = 1e-3
+_BF16 = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True}
+_Q8 = {"mu_dtype": "q8", "nu_dtype": "q8"}
+_BF16_MU = {"mu_dtype": jnp.bfloat16, "stochastic_rounding": True}
+_Q8_MU = {"mu_dtype": "q8"}
+# family -> (base arguments, {label: storage arguments})
+FAMILIES: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "adamw": ({}, {"bf16": _BF16, "q8": _Q8}),
+    "lion": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
+    "sgd": (
+        {"momentum": 0.9},
+        {
+            "bf16": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
+            "q8": {"accumulator_dtype": "q8"},
+        },
+    ),
+    "muon": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
+    "mars": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
+}
+
+
+def make_step(tx: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def time_configs(
+    configs: dict[str, optax.GradientTransformation], params, grads, rounds: int, iters: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each configuration, `rounds` paired rounds of `iters` steps."""
+    carries, steps = {}, {}
+    for label, tx in configs.items():
+        p = jax.tree.map(jnp.copy, params)
+        steps[label] = make_step(tx)
+        carries[label] = steps[label](p, tx.init(p), grads)  # compile and warm up
+        jax.block_until_ready(carries[label])
+    times: dict[str, list[float]] = {label: [] for label in configs}
+    for _ in range(rounds):
+        for label in configs:
+            p, s = carries[label]
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                p, s = steps[label](p, s, grads)
+            jax.block_until_ready((p, s))
+            times[label].append((time.perf_counter() - t0) / iters)
+            carries[label] = (p, s)
+    return times
+
+
+def time_codec(n: int, rounds: int) -> dict[str, float]:
+    """Nanoseconds per element of quantize and dequantize (signed and unsigned), median."""
+    x = jax.random.normal(jax.random.key(0), (n // 1024, 1024))
+    out = {}
+    for signed in (True, False):
+        v = x if signed else x * x
+        q = jax.jit(lambda a, s=signed: rlx_optax.quantize_blockwise(a, s))
+        d = jax.jit(rlx_optax.dequantize_blockwise)
+        qv = jax.block_until_ready(q(v))
+        jax.block_until_ready(d(qv))
+        for label, fn, arg in (("quantize", q, v), ("dequantize", d, qv)):
+            ts = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(arg))
+                ts.append(time.perf_counter() - t0)
+            out[f"{label}_{'signed' if signed else 'unsigned'}_ns"] = (
+                statistics.median(ts) / n * 1e9
+            )
+    return out
+
+
+def run(names: list[str] | None, rounds: int, iters: int) -> dict[str, Any]:
+    d, layers = model.SIZES["cpu"]
+    params = model.random_tree(model.model_shapes(d, layers), 0, 0.02)
+    grads = model.random_tree(model.model_shapes(d, layers), 1, 1e-2)
+    results = []
+    for name, (base, options) in FAMILIES.items():
+        if names and name not in names:
+            continue
+        factory = getattr(rlx_optax, name)
+        configs = {"float32": factory(LR, **base)}
+        configs |= {label: factory(LR, **base, **extra) for label, extra in options.items()}
+        times = time_configs(configs, params, grads, rounds, iters)
+        entry: dict[str, Any] = {
+            "name": name,
+            "float32_ms": statistics.median(times["float32"]) * 1e3,
+        }
+        for label in options:
+            ratios = [t / f for t, f in zip(times[label], times["float32"], strict=True)]
+            entry[f"{label}_over_float32"] = statistics.median(ratios)
+        results.append(entry)
+    return {
+        "benchmark": "precision_speed",
+        "device": jax.devices()[0].device_kind,
+        "n_params": sum(x.size for x in jax.tree.leaves(params)),
+        "rounds": rounds,
+        "iters": iters,
+        "codec": time_codec(1 << 22, rounds),
+        "results": results,
+    }
+
+
+def table(payload: dict[str, Any]) -> str:
+    lines = ["| algorithm | bf16+SR / float32 | q8 / float32 |", "|---|---:|---:|"]
+    for r in payload["results"]:
+        lines.append(f"| {r['name']} | {r['bf16_over_float32']:.2f} | {r['q8_over_float32']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="families (default: all)")
+    args = ap.parse_args(argv)
+    payload = run(args.only, args.rounds, args.iters)
+    path = harness.write_json("precision_speed", payload)
+    print(table(payload))
+    print({k: round(v, 2) for k, v in payload["codec"].items()}, "ns/element")
+    print(f"({payload['n_params'] / 1e6:.2f}M params; wrote {path.name})")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
