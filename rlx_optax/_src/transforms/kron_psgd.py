@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _per_axis
+from rlx_optax._src.transforms import sgd as _sgd
 
 
 class KronPsgdState(NamedTuple):
@@ -425,6 +426,7 @@ def kron_psgd(
     clip_mode: str | None = None,
     precision: Any = None,
     behaviour: str = "crate",
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Kron-PSGD as the crate's `KronPsgd`: precondition, clip, L2 decay, then momentum.
 
@@ -460,7 +462,9 @@ def kron_psgd(
       clip: max-abs (or RMS) bound of the preconditioned gradient (crate 1, reference 1.1).
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed
         (crate: all; reference: rank >= 2).
-      mu_dtype: dtype of the momentum buffer (default: the parameter dtype).
+      mu_dtype: storage of the momentum buffer: None (the parameter dtype), a floating dtype
+        such as ``jnp.bfloat16``, or ``"q8"`` (8-bit block-wise, `rlx_optax.QuantizedArray`);
+        the factors stay float32.
       momentum_before: debiased EMA momentum before preconditioning (reference).
       probe: ``"gradient"`` (crate) or ``"random"`` (reference, needs `key`).
       key: PRNG key of the random probes.
@@ -472,6 +476,8 @@ def kron_psgd(
       precision: precision of the matrix products (default: ``HIGHEST`` in crate mode,
         psgd-jax's choices with ``factor_update="reference"``); see `scale_by_kron_psgd`.
       behaviour: ``"crate"`` or ``"reference"`` (see above).
+      stochastic_rounding: round the float32 momentum into a bfloat16 `mu_dtype`
+        stochastically (unbiased; the bits derive from the step and the leaf).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -491,6 +497,7 @@ def kron_psgd(
     """
     common.check_learning_rate(learning_rate)
     common.check_beta("momentum", momentum)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
     opts = common.resolve_preset(
         behaviour,
         PRESETS,
@@ -521,8 +528,48 @@ def kron_psgd(
     )
     decay = common.add_decayed_weights(weight_decay, opts["mask"])
     lr = optax.scale_by_learning_rate(learning_rate)
+    # optax's own momentum (and state) unless the storage needs `_lowbit`
+    lowbit = stochastic_rounding or (isinstance(mu_dtype, str) and mu_dtype == _lowbit.Q8)
     if opts["momentum_before"]:
-        ema = optax.ema(momentum, debias=True, accumulator_dtype=mu_dtype)
+        if lowbit:
+            ema = _debiased_ema(momentum, mu_dtype, stochastic_rounding)
+        else:
+            ema = optax.ema(momentum, debias=True, accumulator_dtype=mu_dtype)
         return common.chain("kron_psgd", ema, precond, decay, lr)
-    trace = optax.trace(momentum, accumulator_dtype=mu_dtype)
+    if lowbit:
+        trace = _sgd.scale_by_sgd(
+            momentum, False, mu_dtype, stochastic_rounding=stochastic_rounding
+        )
+    else:
+        trace = optax.trace(momentum, accumulator_dtype=mu_dtype)
     return common.chain("kron_psgd", precond, decay, trace, lr)
+
+
+def _debiased_ema(
+    decay: float, mu_dtype: Any, stochastic_rounding: bool
+) -> optax.GradientTransformation:
+    """`optax.ema(decay, debias=True)` (same state, `optax.EmaState`) with the EMA stored
+    through `_lowbit` (bfloat16 with stochastic rounding, or ``"q8"``), updated in float32."""
+
+    def init_fn(params):
+        return optax.EmaState(
+            count=jnp.zeros([], jnp.int32), ema=_lowbit.init_tree(params, mu_dtype, signed=True)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+
+        def leaf(g, stored, i):
+            ct = common.compute_dtype(g.dtype)
+            d = jnp.asarray(decay, ct)
+            e = (1 - d) * g.astype(ct) + d * _lowbit.read(stored, ct)
+            sr = dict(stochastic=stochastic_rounding, step=count, leaf=i, salt=_lowbit.SALT_MU)
+            debiased = e / (1 - d**count).astype(ct)
+            return debiased.astype(g.dtype), _lowbit.write(e, stored, **sr)
+
+        index = _lowbit.leaf_indices(updates)
+        u, ema = common.tree_map_multi(leaf, 2, updates, state.ema, index)
+        return u, optax.EmaState(count=count, ema=ema)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -12,7 +12,7 @@ import optax
 
 from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import DEFAULT_NS_COEFFS, newton_schulz
-from rlx_optax._src.transforms import _batching
+from rlx_optax._src.transforms import _batching, _lowbit
 from rlx_optax._src.transforms import adam as _adam
 from rlx_optax._src.transforms import labels as _labels
 
@@ -86,6 +86,7 @@ def scale_by_muon(
     precision: Any = None,
     behaviour: str = "crate",
     matrix_axes: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Muon's update direction.
 
@@ -124,7 +125,9 @@ def scale_by_muon(
         ``(in, heads, head_dim)`` would be read as ``(in*heads, head_dim)``): give them
         `matrix_axes` (``rlx_optax.MuonLabels()``).
       eps: floor of the Frobenius norm in Newton-Schulz (crate 1e-12, reference 1e-7).
-      mu_dtype: dtype of the momentum (default: the parameter dtype).
+      mu_dtype: storage of the momentum: None (the parameter dtype), a floating dtype such
+        as ``jnp.bfloat16``, or ``"q8"`` (8-bit block-wise, `rlx_optax.QuantizedArray`);
+        the momentum is updated in float32 whatever its storage.
       ns_dtype: dtype of the Newton-Schulz iteration (default float32, or the parameter
         dtype if wider; ``jnp.bfloat16`` follows the reference's cast, rounding each fused
         step once as torch.optim.Muon does).
@@ -142,6 +145,8 @@ def scale_by_muon(
         path), a callable of the gradient tree returning one, or a `rlx_optax.MuonLabels`.
         The shape scale reads the view as (fan_in, fan_out) = (reduction, output). Default
         None: the rank rule.
+      stochastic_rounding: round the float32 momentum into a bfloat16 `mu_dtype`
+        stochastically (unbiased; the bits derive from the step and the leaf).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -165,6 +170,7 @@ def scale_by_muon(
     common.check_choice("layout", layout, _LAYOUTS)
     common.check_choice("momentum_form", momentum_form, _MOMENTUM_FORMS)
     linalg.check_precision("precision", precision)
+    _lowbit.check_storage("mu_dtype", mu_dtype)
     if isinstance(ns_steps, bool):
         raise ValueError(f"ns_steps must be an int >= 0, got {ns_steps!r}")
 
@@ -173,20 +179,21 @@ def scale_by_muon(
     def init_fn(params):
         common.reject_complex(params, "muon")
         return MuonState(
-            count=jnp.zeros([], jnp.int32), mu=common.zeros_like_tree(params, mu_dtype)
+            count=jnp.zeros([], jnp.int32), mu=_lowbit.init_tree(params, mu_dtype, signed=True)
         )
 
-    def momentum_leaf(g, m):
+    def momentum_leaf(g, stored, count, leaf):
         ct = common.compute_dtype(g.dtype)
         mu = jnp.asarray(mu_value, ct)
-        g32 = g.astype(ct)
+        g32, m = g.astype(ct), _lowbit.read(stored, ct)
         if momentum_form == "sum":
-            m = mu * m.astype(ct) + g32
+            m = mu * m + g32
             d = g32 + mu * m if nesterov else m
         else:
-            m = mu * m.astype(ct) + (1 - mu) * g32
+            m = mu * m + (1 - mu) * g32
             d = (1 - mu) * g32 + mu * m if nesterov else m
-        return d, m
+        sr = dict(stochastic=stochastic_rounding, step=count, leaf=leaf, salt=_lowbit.SALT_MU)
+        return d, _lowbit.write(m, stored, **sr)
 
     def orthogonalise(d):
         def ns(x):
@@ -199,7 +206,11 @@ def scale_by_muon(
     def update_fn(updates, state, params=None):
         del params
         state = common.check_state("muon", state, MuonState, updates, ("mu",))
-        d, mu = common.tree_map_multi(momentum_leaf, 2, updates, state.mu)
+        count = optax.safe_increment(state.count)
+        index = _lowbit.leaf_indices(updates)
+        d, mu = common.tree_map_multi(
+            lambda g, m, i: momentum_leaf(g, m, count, i), 2, updates, state.mu, index
+        )
 
         spec = None
         if matrix_axes is not None:
@@ -245,8 +256,7 @@ def scale_by_muon(
             return jnp.transpose(o, inverse).astype(g.dtype)
 
         u = jax.tree_util.tree_map_with_path(finish, updates, d, o, is_leaf=common.is_empty)
-        mu = optax.tree.cast_like(mu, state.mu)
-        return u, MuonState(count=optax.safe_increment(state.count), mu=mu)
+        return u, MuonState(count=count, mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -277,6 +287,8 @@ def muon(
     behaviour: str = "crate",
     mask: common.MaskOrFn = None,
     matrix_axes: Any = None,
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon, as the crate's `Muon`, with switches to Keller Jordan's reference.
 
@@ -326,7 +338,8 @@ def muon(
       adam_eps: AdamW's epsilon.
       adam_weight_decay: AdamW's decoupled decay.
       eps: floor of the Frobenius norm in Newton-Schulz.
-      mu_dtype: dtype of the momentum.
+      mu_dtype: storage of the momentum (and of AdamW's first moment on AdamW leaves): None
+        (the parameter dtype), a floating dtype, or ``"q8"`` (see `scale_by_muon`).
       ns_dtype: dtype of the Newton-Schulz iteration (default float32).
       precision: precision of the Newton-Schulz products (a `jax.lax.Precision`, its name or a
         `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration (the
@@ -343,6 +356,9 @@ def muon(
         orthogonalises Flax attention kernels as the matrices the layer multiplies by
         (q/k/v ``(in, heads, head_dim)`` as ``(in, heads*head_dim)``, out ``(heads,
         head_dim, out)`` as ``(heads*head_dim, out)``). Default None: the rank rule.
+      nu_dtype: storage of AdamW's second moment on AdamW leaves (as `rlx_optax.adamw`).
+      stochastic_rounding: round float32 results into bfloat16 storage stochastically
+        (both branches).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -428,6 +444,7 @@ def muon(
         ns_dtype=ns_dtype,
         precision=precision,
         matrix_axes=matrix_axes,
+        stochastic_rounding=stochastic_rounding,
     )
     muon_tx = common.alias(scale, learning_rate, weight_decay, mask)
     if fallback == "sgd" and adam_leaves is None and matrix_axes is None:
@@ -440,6 +457,8 @@ def muon(
         adam_eps,
         adam_weight_decay,
         mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
     )
 
     def labels(params):

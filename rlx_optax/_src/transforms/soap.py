@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _per_axis
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -197,6 +197,8 @@ def scale_by_soap(
     precision: Any = None,
     eps_placement: str | None = None,
     behaviour: str = "crate",
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
     r"""Adam run in the eigenbasis of Shampoo's statistics (SOAP), without learning rate or decay.
 
@@ -228,7 +230,9 @@ def scale_by_soap(
       shampoo_beta: decay :math:`\beta_s` of the statistics L, R, in [0, 1).
       eps: added to the denominator outside the square root.
       precond_freq: recompute the bases every `precond_freq` calls (and at the first).
-      mu_dtype: dtype of the first moment (default: the parameter dtype).
+      mu_dtype: dtype of the first moment (default: the parameter dtype); a floating dtype
+        (``"q8"`` is refused: SOAP's rotated moments are updated inside its batched
+        matrix computation).
       skip_first_step: the reference's order (``True``): the first call only accumulates the
         statistics and computes the bases, returning a zero update; afterwards the gradient is
         rotated with the bases of earlier gradients, the statistics are updated after the
@@ -259,6 +263,11 @@ def scale_by_soap(
         leaves rotated, uncorrected eps). Arguments given explicitly take precedence;
         ``refresh="qr"`` alone implies ``reproject_moments=True`` (and warns when it is set
         False).
+      nu_dtype: dtype of the second moment (default: the parameter dtype); a floating dtype.
+      stochastic_rounding: round the float32 moments into bfloat16 `mu_dtype` / `nu_dtype`
+        stochastically (unbiased; the bits derive from the step and the leaf). Without it a
+        bfloat16 second moment rounds to nearest and stalls (docs/guides/state_precision.md).
+        The statistics and bases stay float32.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -282,6 +291,17 @@ def scale_by_soap(
     common.check_choice("eps_placement", opts["eps_placement"], ("corrected", "uncorrected"))
     raw_eps = opts["eps_placement"] == "uncorrected"
     common.check_beta("b1", b1)
+    for name, value in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
+        _lowbit.check_storage(name, value)
+        if isinstance(value, str) and value == _lowbit.Q8:
+            raise ValueError(
+                f"soap: {name}={value!r} is not supported (SOAP's rotated moments are updated "
+                "inside its batched matrix computation); use a floating dtype such as "
+                "jnp.bfloat16 with stochastic_rounding=True"
+            )
+    # bfloat16 moments rounded stochastically: the batched computation sees float32 moments,
+    # rounded per leaf afterwards (the leaf's index seeds its bits)
+    widen = stochastic_rounding and (mu_dtype is not None or nu_dtype is not None)
     common.check_beta("b2", b2)
     common.check_beta("shampoo_beta", shampoo_beta)
     common.check_non_negative("eps", eps)
@@ -316,9 +336,9 @@ def scale_by_soap(
         zeros = tuple(None if e is None else jnp.zeros_like(e) for e in eyes)
         if shape == p.shape:  # the moments mirror the parameter: same layout on a mesh
             mu = jnp.zeros_like(p, dtype=mu_dtype or p.dtype)
-            return mu, jnp.zeros_like(p), zeros, eyes
+            return mu, jnp.zeros_like(p, dtype=nu_dtype or p.dtype), zeros, eyes
         mu = jnp.zeros(shape, mu_dtype or p.dtype)  # merged axes: a shape of their own
-        return mu, jnp.zeros(shape, p.dtype), zeros, eyes
+        return mu, jnp.zeros(shape, nu_dtype or p.dtype), zeros, eyes
 
     def init_fn(params):
         common.reject_complex(params, "soap")
@@ -404,9 +424,28 @@ def scale_by_soap(
         # one tuple per leaf (an entry per axis of its working shape, `state.mu`'s rank)
         per_leaf_stats = _per_axis.by_leaf(state.stats, state.mu)
         per_leaf_bases = _per_axis.by_leaf(state.bases, state.mu)
+        mu_in, nu_in = state.mu, state.nu
+        if widen:
+            mu_in, nu_in = (
+                common.tree_map_multi(
+                    lambda g, x: (x.astype(common.compute_dtype(x.dtype)),), 1, updates, t
+                )[0]
+                for t in (state.mu, state.nu)
+            )
         u, mu, nu, stats, bases = _batching.grouped_map(
-            leaf, 5, updates, state.mu, state.nu, per_leaf_stats, per_leaf_bases
+            leaf, 5, updates, mu_in, nu_in, per_leaf_stats, per_leaf_bases
         )
+        if widen:
+            index = _lowbit.leaf_indices(updates)
+
+            def store(g, m, v, m_s, v_s, i):
+                sr = dict(stochastic=True, step=count, leaf=i)
+                return (
+                    _lowbit.write(m, m_s, salt=_lowbit.SALT_MU, **sr),
+                    _lowbit.write(v, v_s, salt=_lowbit.SALT_NU, **sr),
+                )
+
+            mu, nu = common.tree_map_multi(store, 2, updates, mu, nu, state.mu, state.nu, index)
         return u, SoapState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),
@@ -496,6 +535,8 @@ def soap(
     eps_placement: str | None = None,
     decay_after_update: bool | None = None,
     behaviour: str = "crate",
+    nu_dtype: Any = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP with decoupled weight decay, as the crate's `Soap`.
 
@@ -542,6 +583,8 @@ def soap(
         \eta u)(1-\eta\lambda)` (reference), instead of :math:`\theta - \eta(u +
         \lambda\theta)` (crate).
       behaviour: ``"crate"`` or ``"reference"`` (see above and `scale_by_soap`).
+      nu_dtype: dtype of the second moment (a floating dtype; see `scale_by_soap`).
+      stochastic_rounding: round float32 moments into bfloat16 storage stochastically.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -580,6 +623,8 @@ def soap(
         eps,
         precond_freq,
         mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        stochastic_rounding=stochastic_rounding,
         skip_first_step=skip_first_step,
         reproject_moments=opts["reproject_moments"],
         refresh=opts["refresh"],
