@@ -95,9 +95,17 @@ PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
         "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
         "q8": {"mu_dtype": "q8"},
     },
-    # mu_dtype without stochastic rounding or quantization (matrix families, not yet wired)
-    **{name: {"bf16": {"mu_dtype": _BF16}, "q8": None} for name in ("muon", "mars", "kron_psgd")},
-    **{name: {"bf16": None, "q8": None} for name in ("soap", "adafactor", "stiefel")},
+    **{
+        name: {
+            "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
+            "q8": {"mu_dtype": "q8"},
+        }
+        for name in ("muon", "kron_psgd")
+    },
+    # MARS: mu_dtype rounded to nearest, no q8 yet
+    "mars": {"bf16": {"mu_dtype": _BF16}, "q8": None},
+    "soap": {"bf16": {**_TWO_MOMENTS["bf16"]}, "q8": None},
+    **{name: {"bf16": None, "q8": None} for name in ("adafactor", "stiefel")},
 }
 # Rows with a configuration of their own: Adafactor keeps a momentum only when asked.
 EXTRA_ROWS = {
@@ -114,9 +122,10 @@ PARTIAL = {
     "adafactor": "no first moment unless momentum is set (next row)",
     "adafactor (momentum 0.9)": "the momentum; the factored second moment float32",
     "sophia": "mu only (h float32)",
-    "muon": "mu only",
-    "mars": "mu only",
-    "kron_psgd": "mu only",
+    "muon": "momentum",
+    "mars": "mu only, rounded to nearest (nu, previous gradient float32)",
+    "kron_psgd": "momentum; the factors float32",
+    "soap": "mu and nu (bf16 only); statistics and bases float32",
 }
 
 

@@ -49,7 +49,6 @@ FAMILIES: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
         },
     ),
     "muon": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
-    "mars": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
 }
 
 

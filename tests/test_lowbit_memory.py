@@ -25,7 +25,10 @@ def test_every_family_is_listed_with_what_it_supports(table):
     assert set(table) >= {"sgd", "adam", "lamb", "lion", "sophia", "muon", "soap", "adafactor"}
     for name in ("adam", "nadamw", "radam", "qhadamw", "lamb"):
         assert table[name]["q8"] < table[name]["bf16"] < table[name]["float32"]
-    for name in ("sgd", "lion"):  # one buffer: 1 byte plus a float32 scale per 256
+    for name in ("sgd", "lion", "muon"):  # one buffer: 1 byte plus a float32 scale per 256
         assert table[name]["q8"] < 1.05
-    assert table["soap"]["q8"] is None and table["soap"]["bf16"] is None
-    assert table["muon"]["q8"] is None  # matrix families: not wired yet
+    # SOAP: bf16 moments only; the statistics and bases (about 30 bytes/param here) float32
+    assert table["soap"]["q8"] is None
+    assert table["soap"]["bf16"] == pytest.approx(table["soap"]["float32"] - 4.0, abs=1e-3)
+    # Kron: the momentum shrinks to ~1 byte, the factors stay float32
+    assert table["kron_psgd"]["q8"] == pytest.approx(table["kron_psgd"]["float32"] - 3, abs=0.05)
