@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import re
@@ -534,6 +535,9 @@ def worker(mesh_name: str, config: str, mode: str, quick: bool) -> None:
 
         p_s, s_s, p_1, s_1 = params, state, p0, s0
         for g_s, g_1 in zip(grads, g0, strict=True):
+            # the compiled program takes the state as laid out by `state_shardings`; where the
+            # compiler lays out its output state otherwise (psgd-jax), move it back first
+            s_s = jax.device_put(s_s, state_sh)
             with jax.set_mesh(mesh):
                 u_s, s_s = sharded(g_s, s_s, p_s)
             u_1, s_1 = single(g_1, s_1, p_1)
@@ -621,6 +625,8 @@ def run_one(mesh: str, config: str, mode: str, quick: bool, timeout: float) -> d
         outcome = "aborts"
     if outcome != "ok":
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        # the cause where XLA states one (a collective's rendezvous timeout), else the last lines
+        lines = [ln for ln in lines if "rendezvous" in ln or "Error" in ln] or lines
         if "ModuleNotFoundError: No module named 'psgd_jax'" in stderr:
             outcome = "not installed"
         row["error"] = " | ".join(lines[-3:])[-600:]
@@ -729,6 +735,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--results-dir", default=None, help="default: benchmarks/results (--quick: benchmarks/out)"
     )
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of the existing results that this run does not measure again",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -745,7 +756,12 @@ def main(argv: list[str] | None = None) -> None:
             else ROOT / "benchmarks" / "results"
         )
     )
-    rows = []
+    previous = results_dir / "distributed.json"
+    kept: list[dict[str, Any]] = []
+    if args.update and previous.is_file():
+        kept = json.loads(previous.read_text())["results"]
+    rows: list[dict[str, Any]] = []
+    text = ""
     for mesh in args.mesh:
         for config in args.config:
             for mode in modes_for(config):
@@ -755,17 +771,34 @@ def main(argv: list[str] | None = None) -> None:
                 row = run_one(mesh, config, mode, args.quick, args.timeout)
                 print(f"  {row['outcome']} ({row['seconds']} s)", flush=True)
                 rows.append(row)
+                text = write(results_dir, args.quick, kept, rows)  # after every row
+    print(text)
+
+
+def _key(row: dict[str, Any]) -> tuple[int, int, str]:
+    return (MESHES.index(row["mesh"]), list(CONFIGS).index(row["config"]), row["mode"])
+
+
+def write(
+    results_dir: pathlib.Path, quick: bool, kept: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> str:
+    """Write the Markdown and JSON of the rows measured so far (and of `kept` rows that were
+    not measured again); return the Markdown."""
     import jax
 
-    shapes = tree_shapes(args.quick)
-    n = sum(int(__import__("math").prod(s)) for s in shapes.values())
+    from benchmarks import harness
+
+    new = {_key(r) for r in rows}
+    rows = sorted([r for r in kept if _key(r) not in new] + rows, key=_key)
+    shapes = tree_shapes(quick)
+    n = sum(math.prod(s) for s in shapes.values())
     payload = {
         "benchmark": "distributed",
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
         "tree": (
-            f"{'quick' if args.quick else 'GPT-shaped'} tree ({len(shapes)} leaves, "
+            f"{'quick' if quick else 'GPT-shaped'} tree ({len(shapes)} leaves, "
             f"{n / 1e6:.2f}M parameters)"
         ),
         "modes_note": (
@@ -778,11 +811,11 @@ def main(argv: list[str] | None = None) -> None:
         "results": rows,
     }
     text = render(payload)
-    print(text)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "distributed.md").write_text("# Sharded training\n\n" + text + "\n")
     (results_dir / "distributed.json").write_text(json.dumps(payload, indent=2, default=float))
     harness.write_json("distributed", payload)
+    return text
 
 
 if __name__ == "__main__":

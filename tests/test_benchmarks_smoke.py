@@ -135,3 +135,31 @@ def test_lr_sweep_json_has_every_configuration(tmp_path):
         assert r["final_loss_se"] >= 0
     text = run.render_lr_sweep(data)
     assert all(f"| {label} |" in text for label in labels)
+
+
+def test_distributed_quick_muon_and_adamw(tmp_path):
+    """`benchmarks/distributed.py --quick` on 8 fake devices for Muon and AdamW: every
+    (configuration, mode) completes, the figures of the compiled programs are there, AdamW's
+    step has no collective and matches one device, and RESULTS.md gets its section."""
+    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "benchmarks.distributed", "--quick", "--mesh", "fsdp8"]
+    cmd += ["--config", "muon", "adamw", "--timeout", "120"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "distributed.json").read_text())
+    rows = data["results"]
+    assert {r["config"] for r in rows} == {"muon", "adamw"}
+    for r in rows:
+        assert r["outcome"] == "ok", r
+        assert r["flops/ideal"] > 0 and r["state/ideal"] >= 1.0
+        assert r["max rel diff"] <= 1e-4 and r["in loops"] >= 0
+    for adamw in (r for r in rows if r["config"] == "adamw"):  # one row per mode
+        assert adamw["colls/step"] == 0 and adamw["coll bytes/shard"] == 0
+        assert adamw["state/ideal"] <= 1.2
+    assert (tmp_path / "distributed.md").read_text().startswith("# Sharded training")
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    text = run.render(tmp_path, [], "plots")
+    assert "## Sharded training" in text and "| fsdp8 | adamw |" in text
