@@ -18,6 +18,7 @@ from rlx_optax._src.transforms._lowbit import apply_updates_stochastic as apply_
 from rlx_optax._src.transforms._lowbit import dequantize_blockwise as dequantize_blockwise
 from rlx_optax._src.transforms._lowbit import quantize_blockwise as quantize_blockwise
 from rlx_optax._src.transforms._lowbit import stochastic_round as stochastic_round
+from rlx_optax._src.transforms._owner import owner_compute as owner_compute
 from rlx_optax._src.transforms.adafactor import AdafactorState as AdafactorState
 from rlx_optax._src.transforms.adafactor import adafactor as adafactor
 from rlx_optax._src.transforms.adafactor import scale_by_adafactor as scale_by_adafactor
@@ -142,6 +143,7 @@ __all__ = [
     "adamw",
     "apply_updates_stochastic",
     "state_shardings",
+    "owner_compute",
     "clip_by_global_norm_logged",
     "clip_grad_norm",
     "constant_hessian_diag",

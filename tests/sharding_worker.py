@@ -13,7 +13,11 @@ replicated and sharded, a scalar, a 3-D leaf), and checks:
   (inside `jax.jit` on an Auto mesh XLA chooses, so that case is recorded, not required);
 * `STEPS` jitted steps (`update` + `apply_updates`, no in/out shardings given) keep every
   parameter and every state leaf of the parameter's shape sharded like the parameter, and
-  scalar state replicated;
+  scalar state replicated. The exception: on an Auto mesh the families with owner compute
+  (`OWNER_FAMILIES`: whole matrices exchanged with owner devices, `transforms/_owner.py`) give
+  their results the exchange's layout where the compiler's propagation prefers it, so their
+  step is pinned to the parameters' shardings and `rlx_optax.state_shardings`, as
+  docs/scaling.md asks of such steps; the state is then checked against those;
 * parameters and state agree with the same steps run on a single device, within the row's
   `golden_tol` relative to the displacement (parameters) or to the magnitude (state): the
   sharded program sums partial reductions (norms, matmuls) in another order, so bit equality
@@ -48,6 +52,7 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import rlx_optax  # noqa: E402
 from rlx_optax._src import registry  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -86,13 +91,17 @@ def make_tx(row: registry.Algorithm) -> optax.GradientTransformationExtraArgs:
     return row.factory(row.contract_lr, **row.contract_kwargs)
 
 
-def make_step(row, tx):
+#: Families whose whole-matrix work runs on owner devices on an Auto mesh (`_owner`).
+OWNER_FAMILIES = {"muon", "soap", "kron_psgd", "stiefel"}
+
+
+def make_step(row, tx, out_shardings=None):
     def step(params, state, grads):
         extra = row.update_extra(params, grads) if row.update_extra else {}
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step)
+    return jax.jit(step) if out_shardings is None else jax.jit(step, out_shardings=out_shardings)
 
 
 #: State fields of the matrix families that hold per-axis preconditioner matrices.
@@ -206,6 +215,10 @@ def run_sharded(row, names: list[str], mesh, reference=None) -> dict:
 
     with jax.set_mesh(mesh):
         params = place(p0)
+        if row.name in OWNER_FAMILIES and mesh_kind(mesh) == "auto":
+            param_shardings = jax.tree.map(lambda p: p.sharding, params)
+            pinned = (param_shardings, rlx_optax.state_shardings(tx, params))
+            step = make_step(row, tx, out_shardings=pinned)
         eager = tx.init(params)
         checked = check_shardings(mesh, "init (eager)", params, eager, problems)
         if mesh_kind(mesh) == "explicit":

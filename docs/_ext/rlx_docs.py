@@ -86,7 +86,7 @@ def _groups():
             "Low-precision state (quantisation, stochastic rounding)",
             lambda n: "quantiz" in n.lower() or "stochastic" in n,
         ),
-        ("Sharded training", lambda n: n == "state_shardings"),
+        ("Sharded training", lambda n: n in ("state_shardings", "owner_compute")),
         ("Gradient clipping", lambda n: "clip" in n or n == "l2_norm"),
         (
             "Learning-rate schedulers",

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from rlx_optax._src import common
+from rlx_optax._src.transforms import _owner
 
 _FORCED: list[bool] = []
 
@@ -60,7 +61,8 @@ def _on_mesh(x: Any) -> bool:
     sharding = getattr(jax.typeof(x), "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return False
-    return sharding.mesh.size > 1
+    manual = jax.sharding.AxisType.Manual
+    return sharding.mesh.size > 1 and any(t != manual for t in sharding.mesh.axis_types)
 
 
 def _is_array(x: Any) -> bool:
@@ -101,34 +103,55 @@ def grouped_map(
     call of ``jax.vmap(fn)`` over stacked arrays (non-array values are passed as they are). `fn`
     must not keep Python state between calls (a group makes one call). On the CPU backend every
     leaf runs alone (see the module docstring) unless batching is forced.
+
+    On a mesh of several devices (the arguments' types, or `jax.set_mesh`) every leaf runs on
+    one owner device, on whole matrices (`_owner`), unless `_owner.owner_compute(False)`.
     """
-    if not batching_enabled():
-        min_group = len(jax.tree.leaves(tree, is_leaf=common.is_empty)) + 1
     leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
     outs: list[list[Any]] = [list(leaves) for _ in range(n_out)]
-    groups: dict[Any, list[int]] = {}
-    flat_args: dict[int, tuple[list[Any], Any]] = {}
+    indices, calls = [], []
     for i, leaf in enumerate(leaves):
         if common.is_empty(leaf):
             continue
-        args = (leaf, *(o[i] for o in others))
-        flat, struct = jax.tree.flatten(args)
-        flat_args[i] = (flat, struct)
-        key = (struct, tuple(_signature(x, i) for x in flat))
-        groups.setdefault(key, []).append(i)
+        flat, struct = jax.tree.flatten((leaf, *(o[i] for o in others)))
+        indices.append(i)
+        calls.append((flat, struct))
 
+    def local(calls: list[tuple[list[Any], Any]]) -> list[tuple]:
+        return _run_grouped(fn, calls, min_group)
+
+    mesh = _owner.mesh_of([x for flat, _ in calls for x in flat if _is_array(x)])
+    if mesh is not None:
+        results = _owner.run(fn, n_out, calls, mesh, local)
+    else:
+        results = local(calls)
+    for i, result in zip(indices, results, strict=True):
+        for k in range(n_out):
+            outs[k][i] = result[k]
+    return tuple(treedef.unflatten(o) for o in outs)
+
+
+def _run_grouped(
+    fn: Callable[..., tuple], calls: list[tuple[list[Any], Any]], min_group: int
+) -> list[tuple]:
+    """`fn` on every ``(flat_args, struct)``; same-signature calls batched when enabled."""
+    if not batching_enabled():
+        min_group = len(calls) + 1
+    groups: dict[Any, list[int]] = {}
+    for n, (flat, struct) in enumerate(calls):
+        key = (struct, tuple(_signature(x, n) for x in flat))
+        groups.setdefault(key, []).append(n)
+    results: list[Any] = [None] * len(calls)
     for members in groups.values():
         if len(members) < min_group:
-            for i in members:
-                flat, struct = flat_args[i]
-                result = fn(*jax.tree.unflatten(struct, flat))
-                for k in range(n_out):
-                    outs[k][i] = result[k]
+            for n in members:
+                flat, struct = calls[n]
+                results[n] = tuple(fn(*jax.tree.unflatten(struct, flat)))
             continue
-        flat0, struct = flat_args[members[0]]
+        flat0, struct = calls[members[0]]
         positions = [j for j, x in enumerate(flat0) if _is_array(x)]
-        stacked = [jnp.stack([flat_args[i][0][j] for i in members]) for j in positions]
+        stacked = [jnp.stack([calls[n][0][j] for n in members]) for j in positions]
 
         def call(*arrays, flat0=flat0, struct=struct, positions=positions):
             flat = list(flat0)
@@ -137,7 +160,6 @@ def grouped_map(
             return tuple(fn(*jax.tree.unflatten(struct, flat)))
 
         result = jax.vmap(call)(*stacked)
-        for n, i in enumerate(members):
-            for k in range(n_out):
-                outs[k][i] = jax.tree.map(lambda x, n=n: x[n], result[k])
-    return tuple(treedef.unflatten(o) for o in outs)
+        for m, n in enumerate(members):
+            results[n] = tuple(jax.tree.map(lambda x, m=m: x[m], r) for r in result)
+    return results

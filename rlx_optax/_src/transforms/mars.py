@@ -242,6 +242,9 @@ def scale_by_mars(
                 return (m / c1) * jnp.sqrt(c2) / (jnp.sqrt(v) + e), m, v
             return (m / c1) / (jnp.sqrt(v / c2) + e), m, v
 
+        def orthogonalised(g):  # whether g's update is Newton-Schulz's (MARS-Shampoo matrices)
+            return variant == "shampoo" and takes_mars(g) and g.ndim == 2 and g.size > 0
+
         def leaf(g, m, v, prev):
             ct = common.compute_dtype(g.dtype)
             if not takes_mars(g):  # the reference's AdamW for non-matrix leaves
@@ -258,22 +261,32 @@ def scale_by_mars(
                     u = jnp.sign(m)
                 elif g.size == 0:  # an empty matrix: nothing to orthogonalise, a zero update
                     u = jnp.zeros_like(m)
-                else:
-                    rows, cols = g.shape
-                    u = newton_schulz(m / (1 - beta1), ns_steps, ns_coeffs, precision=precision)
-                    u = u * max(1.0, rows / cols) ** 0.5
+                else:  # orthogonalised below, once per group of same-shaped matrices
+                    u = m / (1 - beta1)
             new_prev = None
             if not exact:
                 # on the moments as stored (XLA writes those anyway): the store reads them once
                 # more, instead of the two parameter-sized copies it saves
                 after = m.astype(m_dtype) if v is None else m.astype(m_dtype) + v.astype(v_dtype)
                 new_prev = _stored_gradient(g, after).astype(prev.dtype)
-            return u.astype(g.dtype), m, v, new_prev
+            # a Shampoo matrix's direction is orthogonalised below, in the compute dtype
+            return u if orthogonalised(g) else u.astype(g.dtype), m, v, new_prev
 
-        # MARS-Shampoo's Newton-Schulz runs once per group of same-shaped leaves (`grouped_map`);
-        # the element-wise variants stay one fusion per leaf
-        mapper = _batching.grouped_map if variant == "shampoo" else common.tree_map_multi
-        u, mu, nu, prev = mapper(leaf, 4, updates, state.mu, state.nu, control)
+        u, mu, nu, prev = common.tree_map_multi(leaf, 4, updates, state.mu, state.nu, control)
+        if variant == "shampoo":
+            # Newton-Schulz on whole matrices, once per group of same-shaped leaves on one
+            # device, on owner devices on a mesh (`grouped_map`); the rest stays element-wise
+            # in each parameter's layout
+            def orthogonalise(x):
+                rows, cols = x.shape
+                o = newton_schulz(x, ns_steps, ns_coeffs, precision=precision)
+                return (o * max(1.0, rows / cols) ** 0.5,)
+
+            views = common.tree_map_none(lambda g, x: x if orthogonalised(g) else None, updates, u)
+            (o,) = _batching.grouped_map(orthogonalise, 1, views)
+            (u,) = common.tree_map_multi(
+                lambda g, x, o: (x if o is None else o.astype(g.dtype),), 1, updates, u, o
+            )
         return u, MarsState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),

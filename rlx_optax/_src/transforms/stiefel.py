@@ -10,6 +10,7 @@ import optax
 
 from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import gram_schmidt_rows, stiefel_tangent_projection
+from rlx_optax._src.transforms import _batching
 
 
 class StiefelState(NamedTuple):
@@ -22,6 +23,11 @@ class StiefelState(NamedTuple):
 def is_stiefel_leaf(shape: tuple[int, ...]) -> bool:
     """The crate's rule: a rank-2 leaf with rows <= columns lives on the Stiefel manifold."""
     return len(shape) == 2 and shape[0] <= shape[1]
+
+
+def _stiefel_leaves(tree: Any) -> Any:
+    """`tree` with None in place of every leaf that is not a Stiefel matrix."""
+    return common.tree_map_none(lambda x: x if is_stiefel_leaf(x.shape) else None, tree)
 
 
 def scale_by_stiefel(
@@ -60,23 +66,29 @@ def scale_by_stiefel(
         state = common.check_state("stiefel", state, StiefelState, updates, ("mu",), params=params)
         count = optax.safe_increment(state.count)
 
-        def direction(g, w):
+        def project(g, w):
             ct = common.compute_dtype(g.dtype)
-            g32 = g.astype(ct)
-            if is_stiefel_leaf(g.shape):
-                return stiefel_tangent_projection(w.astype(ct), g32, precision=precision)
-            return g32
+            return (stiefel_tangent_projection(w.astype(ct), g.astype(ct), precision=precision),)
+
+        # the projections need whole matrices: one per group of same-shaped leaves on one
+        # device, each on its owner device on a mesh (`grouped_map`)
+        (projected,) = _batching.grouped_map(project, 1, _stiefel_leaves(updates), params)
+
+        def direction(g, p):
+            return g.astype(common.compute_dtype(g.dtype)) if p is None else p
 
         if not use_trace:
-            u = common.tree_map_none(lambda g, w: direction(g, w).astype(g.dtype), updates, params)
+            (u,) = common.tree_map_multi(
+                lambda g, p: (direction(g, p).astype(g.dtype),), 1, updates, projected
+            )
             return u, StiefelState(count=count, mu=None)
 
-        def leaf(g, w, v):
-            d = direction(g, w)
+        def leaf(g, p, v):
+            d = direction(g, p)
             v = jnp.asarray(momentum, d.dtype) * v.astype(d.dtype) + d
             return v.astype(g.dtype), v
 
-        u, mu = common.tree_map_multi(leaf, 2, updates, params, state.mu)
+        u, mu = common.tree_map_multi(leaf, 2, updates, projected, state.mu)
         return u, StiefelState(count=count, mu=optax.tree.cast_like(mu, state.mu))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -107,15 +119,16 @@ def retract_stiefel(eps: float = 1e-12, *, precision: Any = None) -> optax.Gradi
         if params is None:
             raise ValueError("retract_stiefel needs params: call update(grads, state, params)")
 
-        def leaf(u, w):
-            if not is_stiefel_leaf(u.shape):
-                return u
+        def retract(u, w):
             ct = common.compute_dtype(w.dtype)
             w32 = w.astype(ct)
             new = gram_schmidt_rows(w32 + u.astype(ct), eps=eps, precision=precision)
-            return (new - w32).astype(u.dtype)
+            return ((new - w32).astype(u.dtype),)
 
-        return common.tree_map_none(leaf, updates, params), state
+        # whole matrices, on owner devices on a mesh (`grouped_map`)
+        (retracted,) = _batching.grouped_map(retract, 1, _stiefel_leaves(updates), params)
+        (u,) = common.tree_map_multi(lambda u, r: (u if r is None else r,), 1, updates, retracted)
+        return u, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -1,0 +1,481 @@
+"""Owner compute: on a mesh, each device computes whole matrices that it owns (private helper).
+
+The matrix families run one per-leaf function over whole matrices (Muon's Newton-Schulz, SOAP's
+statistics, refresh and rotations, Kron's factor work). Left to the SPMD partitioner, a
+sharded matrix makes every device take part in every product of every leaf: the partitioner
+repeats work, gathers operands and puts collectives inside Newton-Schulz and eigen loops. Here
+instead every leaf gets one owner device. In one `shard_map` over all mesh axes:
+
+1. every device sends its block of each leaf's arrays to the leaf's owner (one `all_to_all`
+   per dtype, the blocks packed by destination);
+2. each device runs the per-leaf function on the whole matrices it owns, with no collective
+   (a `lax.switch` on the device index: devices own different sets of shapes);
+3. every owner sends each device its block of each result (one `all_to_all` per dtype back).
+
+Owners are chosen once per traced step, largest cost first onto the least loaded device, over
+all shapes together (a 6-layer model has fewer matrices of one shape than 8 devices have
+places). The cost of a leaf is estimated from its array arguments: ``rows * cols * min(rows,
+cols)`` per matrix (a product chain, an eigendecomposition), the size of a vector.
+
+Layouts. Owner compute runs on meshes with Auto axes (``jax.jit`` with sharded inputs, with or
+without `jax.set_mesh`). The partition spec of an argument is not visible while tracing there,
+so each is given the canonical layout of `canonical_spec` (its first axis that the device count
+divides, split over all mesh axes): an FSDP layout already is one; any other is resharded by
+the compiler at the edge of the `shard_map`. A result whose shape is that of the argument at
+its position (the update and the gradient, a new statistic and the old one) is released from
+the canonical layout and tied to that argument's (`shard_alike`). That keeps a row-and-column
+layout such as ``P("data", "model")`` through an unpinned step, but the compiler's propagation
+may still settle other layouts (replicated, rows only) on the canonical one: a training step
+should pin its output shardings (``state_shardings`` and the parameters' own), as large-model
+steps do anyway. A leaf whose array arguments are all small enough to be replicated (no axis the
+device count divides) is computed on every device, with nothing to exchange. On meshes with
+Explicit axes the matrix work stays with the partitioner (`linalg._sharding` gives the layouts
+of its products): a `shard_map` cannot close over values typed on an Explicit mesh, which the
+per-leaf functions do (bias corrections, step counts).
+
+The per-leaf function is the one implementation; each owner runs it on the same whole matrices
+a single device would, so results do not depend on the mesh beyond the rounding of the
+compiled programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_ENABLED: list[bool] = []
+
+
+@contextlib.contextmanager
+def owner_compute(enabled: bool = True) -> Iterator[None]:
+    """Within the block, whether the matrix families compute whole matrices on owner devices.
+
+    On by default. On a mesh of several devices, Muon, MARS-Shampoo, SOAP and Kron send each
+    matrix to one owner device, compute it there and send the result back (see
+    ``docs/scaling.md``). ``owner_compute(False)`` leaves the matrix work to the compiler's
+    partitioning instead (the behaviour before 0.2; for comparisons). It acts while a step is
+    traced, so wrap the first call of a jitted function, not its definition.
+
+    Example:
+      >>> import rlx_optax
+      >>> with rlx_optax.owner_compute(False):
+      ...     pass  # trace and compile the step here
+    """
+    _ENABLED.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.pop()
+
+
+def enabled() -> bool:
+    return _ENABLED[-1] if _ENABLED else True
+
+
+def _typed_sharding(x: Any) -> Any:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _splitting_axes(mesh: Any) -> tuple[str, ...]:
+    """The mesh axes that are not manual (inside a `shard_map` every axis is)."""
+    types = tuple(getattr(mesh, "axis_types", ())) or (AxisType.Auto,) * len(mesh.axis_names)
+    return tuple(n for n, t in zip(mesh.axis_names, types, strict=True) if t != AxisType.Manual)
+
+
+def mesh_of(arrays: Sequence[Any]) -> Any:
+    """The mesh of several devices the arrays live on (from their types, or `jax.set_mesh`).
+
+    None outside such a mesh, inside a `shard_map` (manual axes), or when owner compute is off.
+    """
+    if not enabled():
+        return None
+    for x in arrays:
+        sharding = _typed_sharding(x)
+        if sharding is not None and sharding.mesh.size > 1:
+            mesh = sharding.mesh
+            break
+    else:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty or mesh.size <= 1:
+            return None
+    if _is_explicit(mesh):
+        return None  # Explicit meshes: the partitioned path (see the module docstring)
+    axes = _splitting_axes(mesh)
+    if len(axes) != len(mesh.axis_names) or math.prod(mesh.shape[a] for a in axes) <= 1:
+        return None
+    return mesh
+
+
+def _is_explicit(mesh: Any) -> bool:
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def canonical_spec(shape: Sequence[int], mesh: Any) -> P:
+    """The layout owner compute gives an array on an Auto mesh: the first axis that the device
+    count divides, split over all mesh axes (major to minor); replicated when there is none."""
+    axes = tuple(mesh.axis_names)
+    n = math.prod(mesh.shape[a] for a in axes)
+    for d, size in enumerate(shape):
+        if size % n == 0 and size >= n:
+            return P(*([None] * d), axes if len(axes) > 1 else axes[0])
+    return P()
+
+
+def _normalise(spec: P, ndim: int) -> tuple[tuple[str, ...], ...]:
+    entries = list(spec) + [None] * (ndim - len(spec))
+    out = []
+    for e in entries[:ndim]:
+        if e is None:
+            out.append(())
+        elif isinstance(e, tuple):
+            out.append(tuple(e))
+        else:
+            out.append((e,))
+    return tuple(out)
+
+
+class _Layout:
+    """Where each device's block of an array sits: the static geometry of one partition spec."""
+
+    def __init__(self, shape: tuple[int, ...], spec: P, mesh: Any):
+        self.shape = shape
+        self.spec = spec
+        entries = _normalise(spec, len(shape))
+        names = tuple(mesh.axis_names)
+        sizes = [mesh.shape[a] for a in names]
+        self.devices = math.prod(sizes)
+        self.grid = tuple(math.prod(mesh.shape[a] for a in e) for e in entries)
+        if any(s % g for s, g in zip(shape, self.grid, strict=True)):
+            raise ValueError(f"spec {spec} does not divide shape {shape}")
+        self.block = tuple(s // g for s, g in zip(shape, self.grid, strict=True))
+        self.block_size = math.prod(self.block)
+        self.replicated = all(g == 1 for g in self.grid)
+        # cell[s]: the grid cell (flat, row-major) of device s's block
+        cell = []
+        for s in range(self.devices):
+            coords = dict(zip(names, np.unravel_index(s, sizes), strict=True))
+            index = []
+            for e in entries:
+                k = 0
+                for a in e:
+                    k = k * mesh.shape[a] + int(coords[a])
+                index.append(k)
+            cell.append(int(np.ravel_multi_index(index, self.grid)) if index else 0)
+        self.cell = np.asarray(cell, np.int32)
+        # holder[c]: one device holding grid cell c (the first)
+        cells = math.prod(self.grid)
+        self.holder = np.asarray([int(np.argmax(self.cell == c)) for c in range(cells)], np.int32)
+
+    def assemble(self, rows: jax.Array) -> jax.Array:
+        """The whole array from ``rows[s]`` = device s's flattened block."""
+        identity = np.array_equal(self.holder, np.arange(rows.shape[0]))
+        blocks = rows if identity else rows[self.holder]
+        return _from_blocks(blocks, self.grid, self.block, self.shape)
+
+    def split(self, whole: jax.Array) -> jax.Array:
+        """``rows[s]`` = device s's flattened block of `whole`."""
+        blocks = _to_blocks(whole, self.grid, self.block)
+        identity = np.array_equal(self.cell, np.arange(blocks.shape[0]))
+        return blocks if identity else blocks[self.cell]
+
+
+def _to_blocks(x: jax.Array, grid: tuple[int, ...], block: tuple[int, ...]) -> jax.Array:
+    nd = len(grid)
+    y = x.reshape(tuple(v for gb in zip(grid, block, strict=True) for v in gb))
+    y = jnp.transpose(y, tuple(range(0, 2 * nd, 2)) + tuple(range(1, 2 * nd, 2)))
+    return y.reshape(math.prod(grid), math.prod(block))
+
+
+def _from_blocks(rows: jax.Array, grid, block, shape) -> jax.Array:
+    nd = len(grid)
+    y = rows.reshape(tuple(grid) + tuple(block))
+    order = [v for d in range(nd) for v in (d, nd + d)]
+    return jnp.transpose(y, order).reshape(shape)
+
+
+def leaf_cost(arrays: Sequence[Any]) -> float:
+    """Estimated work of one leaf: ``rows * cols * min(rows, cols)`` per matrix (times its batch
+    size), the size of a vector."""
+    cost = 0.0
+    for x in arrays:
+        shape = tuple(x.shape)
+        if len(shape) >= 2:
+            r, c = shape[-2:]
+            cost += math.prod(shape[:-2]) * r * c * min(r, c)
+        else:
+            cost += math.prod(shape)
+    return cost
+
+
+def assign_owners(costs: Sequence[float], devices: int) -> list[int]:
+    """Owner of each item: largest cost first onto the least loaded device (ties: lowest)."""
+    load = [0.0] * devices
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        d = min(range(devices), key=lambda d: (load[d], d))
+        owners[i] = d
+        load[d] += costs[i]
+    return owners
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _in_spec(x: Any, mesh: Any) -> P:
+    if np.ndim(x) == 0 or _is_key(x):
+        return P()
+    return canonical_spec(x.shape, mesh)
+
+
+def run(
+    fn: Callable[..., tuple],
+    n_out: int,
+    calls: list[tuple[list[Any], Any]],
+    mesh: Any,
+    local: Callable[[list[tuple[list[Any], Any]]], list[tuple]],
+) -> list[tuple]:
+    """``fn`` applied to every leaf's arguments, each on its owner device of `mesh`.
+
+    `calls` holds one ``(flat_args, struct)`` per leaf (``jax.tree.unflatten(struct, flat_args)``
+    are the arguments of `fn`). `local(calls)` runs a list of leaves on one device (the caller
+    may batch same-shaped ones). Returns `fn`'s result tuple per leaf.
+    """
+    names = tuple(mesh.axis_names)
+    devices = math.prod(mesh.shape[a] for a in names)
+    axis = names if len(names) > 1 else names[0]
+
+    # static description of every leaf: which flat args are arrays, their layouts
+    infos = []
+    for flat, _ in calls:
+        arrays = [j for j, x in enumerate(flat) if _is_array(x)]
+        specs = {j: _in_spec(flat[j], mesh) for j in arrays}
+        layouts = {j: _Layout(tuple(flat[j].shape), specs[j], mesh) for j in arrays}
+        sent = [j for j in arrays if not layouts[j].replicated]
+        infos.append({"arrays": arrays, "specs": specs, "layouts": layouts, "sent": sent})
+
+    owned = [i for i, info in enumerate(infos) if info["sent"]]
+    everywhere = [i for i, info in enumerate(infos) if not info["sent"]]
+    results: list[tuple | None] = [None] * len(calls)
+    if everywhere:
+        for i, r in zip(everywhere, local([calls[i] for i in everywhere]), strict=True):
+            results[i] = r
+    if not owned:
+        return results  # type: ignore[return-value]
+
+    costs = [leaf_cost([calls[i][0][j] for j in infos[i]["arrays"]]) for i in owned]
+    owner_of = dict(zip(owned, assign_owners(costs, devices), strict=True))
+
+    # result shapes, and each result's layout (the argument's at the same position when the
+    # shapes agree, else canonical)
+    out_info = {}
+    for i in owned:
+        flat, struct = calls[i]
+        shapes = _eval_shape(fn, struct, flat)
+        args = jax.tree.unflatten(struct, flat)
+        per_out = []
+        for k in range(n_out):
+            out_leaves, out_def = jax.tree.flatten(shapes[k])
+            like = args[k] if k < len(args) else None
+            like_leaves, like_def = jax.tree.flatten(like) if like is not None else ([], None)
+            same = (
+                like_def is not None
+                and like_def == out_def
+                and all(
+                    _is_array(a) and tuple(a.shape) == tuple(o.shape)
+                    for a, o in zip(like_leaves, out_leaves, strict=False)
+                )
+            )
+            specs = []
+            for n, o in enumerate(out_leaves):
+                if np.ndim(o) == 0 or _is_key(o):
+                    specs.append(P())
+                elif same:
+                    specs.append(_in_spec(like_leaves[n], mesh))
+                else:
+                    specs.append(canonical_spec(o.shape, mesh))
+            layouts = [
+                _Layout(tuple(o.shape), s, mesh) for o, s in zip(out_leaves, specs, strict=True)
+            ]
+            likes = like_leaves if same else [None] * len(out_leaves)
+            per_out.append((out_def, out_leaves, specs, layouts, likes))
+        out_info[i] = per_out
+
+    # packing plans: per dtype, offsets within the chunk each owner receives / sends
+    def plan(entries):  # entries: (owner, key, dtype, size) in a fixed order
+        offsets, fill = {}, {}
+        for owner, key, dtype, size in entries:
+            at = fill.get((owner, dtype), 0)
+            offsets[key] = at
+            fill[(owner, dtype)] = at + size
+        width = {}
+        for (_, dtype), n in fill.items():
+            width[dtype] = max(width.get(dtype, 0), n)
+        return offsets, width
+
+    in_entries = []
+    for i in owned:
+        for j in infos[i]["sent"]:
+            x = calls[i][0][j]
+            in_entries.append(
+                (owner_of[i], (i, j), jnp.dtype(x.dtype), infos[i]["layouts"][j].block_size)
+            )
+    in_offsets, in_width = plan(in_entries)
+    out_entries = []
+    for i in owned:
+        for k, (_, leaves, _, layouts, _) in enumerate(out_info[i]):
+            for n, o in enumerate(leaves):
+                out_entries.append(
+                    (owner_of[i], (i, k, n), jnp.dtype(o.dtype), layouts[n].block_size)
+                )
+    out_offsets, out_width = plan(out_entries)
+    in_dtypes = sorted(in_width, key=str)
+    out_dtypes = sorted(out_width, key=str)
+
+    # the shard_map's operands: every array argument of the owned leaves
+    operands, operand_specs, where = [], [], {}
+    for i in owned:
+        for j in infos[i]["arrays"]:
+            where[(i, j)] = len(operands)
+            operands.append(calls[i][0][j])
+            operand_specs.append(infos[i]["specs"][j])
+    result_specs = []
+    for i in owned:
+        for _, _, specs, _, _ in out_info[i]:
+            result_specs.extend(specs)
+
+    def body(*blocks):
+        # 1. pack every sent block by destination (its leaf's owner), one buffer per dtype
+        send = {dt: [[] for _ in range(devices)] for dt in in_dtypes}
+        for i in owned:
+            for j in infos[i]["sent"]:
+                b = blocks[where[(i, j)]]
+                send[jnp.dtype(b.dtype)][owner_of[i]].append(b.reshape(-1))
+        received = []
+        for dt in in_dtypes:
+            rows = [_pad(parts, in_width[dt], dt) for parts in send[dt]]
+            buf = jnp.stack(rows)
+            received.append(lax.all_to_all(buf, axis, 0, 0, tiled=True))
+
+        # 2. each device computes the leaves it owns
+        def branch(d):
+            def compute(received, blocks):
+                mine = [i for i in owned if owner_of[i] == d]
+                local_calls = []
+                for i in mine:
+                    flat, struct = calls[i]
+                    flat = list(flat)
+                    for j in infos[i]["arrays"]:
+                        layout = infos[i]["layouts"][j]
+                        if layout.replicated:
+                            flat[j] = blocks[where[(i, j)]]
+                            continue
+                        buf = received[in_dtypes.index(jnp.dtype(flat[j].dtype))]
+                        at = in_offsets[(i, j)]
+                        flat[j] = layout.assemble(buf[:, at : at + layout.block_size])
+                    local_calls.append((flat, struct))
+                outs = local(local_calls) if local_calls else []
+                sendback = {dt: [[] for _ in range(devices)] for dt in out_dtypes}
+                for i, result in zip(mine, outs, strict=True):
+                    for k, (_, _, _, layouts, _) in enumerate(out_info[i]):
+                        for n, o in enumerate(jax.tree.leaves(result[k])):
+                            rows = layouts[n].split(o)
+                            dt = jnp.dtype(o.dtype)
+                            for dst in range(devices):
+                                sendback[dt][dst].append(rows[dst])
+                return [
+                    jnp.stack([_pad(parts, out_width[dt], dt) for parts in sendback[dt]])
+                    for dt in out_dtypes
+                ]
+
+            return compute
+
+        me = lax.axis_index(axis)
+        packed = lax.switch(me, [branch(d) for d in range(devices)], received, list(blocks))
+
+        # 3. back to every device: its block of every result
+        back = [lax.all_to_all(b, axis, 0, 0, tiled=True) for b in packed]
+        outs = []
+        for i in owned:
+            for k, (_, leaves, _, layouts, _) in enumerate(out_info[i]):
+                for n, o in enumerate(leaves):
+                    buf = back[out_dtypes.index(jnp.dtype(o.dtype))]
+                    at = out_offsets[(i, k, n)]
+                    size = layouts[n].block_size
+                    outs.append(buf[owner_of[i], at : at + size].reshape(layouts[n].block))
+        return tuple(outs)
+
+    flat_results = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=tuple(operand_specs),
+        out_specs=tuple(result_specs),
+        check_vma=False,
+    )(*[_free(x, mesh) for x in operands])
+    it = iter(flat_results)
+    for i in owned:
+        result = []
+        for out_def, leaves, _, _, likes in out_info[i]:
+            values = [next(it) for _ in leaves]
+            values = [_layout_like(v, like, mesh) for v, like in zip(values, likes, strict=True)]
+            result.append(jax.tree.unflatten(out_def, values))
+        results[i] = tuple(result)
+    return results  # type: ignore[return-value]
+
+
+def _flat_call(fn, struct, flat, positions):
+    """`fn` as a function of the array arguments alone (at `positions` of `flat`)."""
+
+    def call(*arrays):
+        full = list(flat)
+        for j, a in zip(positions, arrays, strict=True):
+            full[j] = a
+        return tuple(fn(*jax.tree.unflatten(struct, full)))
+
+    return call
+
+
+def _eval_shape(fn, struct, flat):
+    positions = [j for j, x in enumerate(flat) if _is_array(x)]
+    abstract = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) for j in positions]
+    return jax.eval_shape(_flat_call(fn, struct, flat, positions), *abstract)
+
+
+def _free(x: jax.Array, mesh: Any) -> jax.Array:
+    """`x` through a copy of unconstrained layout: the exchange's canonical layout then does
+    not pull the layout of `x` itself (an intermediate such as Muon's momentum) toward it."""
+    if np.ndim(x) == 0 or _is_key(x):
+        return x
+    free = NamedSharding(mesh, P(*([P.UNCONSTRAINED] * np.ndim(x))))
+    return jax.lax.with_sharding_constraint(x, free)
+
+
+def _layout_like(value: jax.Array, like: Any, mesh: Any) -> jax.Array:
+    """On an Auto mesh, `value` (a result in the canonical layout) in the layout of `like` (the
+    argument it replaces), whatever that is: released from the canonical layout, then tied to
+    `like`'s, so that an unpinned step keeps every parameter's and state's layout."""
+    if like is None or np.ndim(value) == 0:
+        return value
+    return shard_alike(like, _free(value, mesh))[1]
+
+
+def _pad(parts: list[jax.Array], width: int, dtype: Any) -> jax.Array:
+    used = sum(int(p.shape[0]) for p in parts)
+    if used < width:
+        parts = [*parts, jnp.zeros((width - used,), dtype)]
+    return jnp.concatenate(parts) if parts else jnp.zeros((width,), dtype)

@@ -1,0 +1,257 @@
+"""Owner compute on meshes of fake CPU devices: results, collectives and loops (subprocess).
+
+Run by `tests/test_owner_compute.py` in a fresh process (JAX fixes the device count when it
+starts): ``python tests/owner_worker.py --meshes 8,4x2 --families muon,soap``. For
+every family and mesh it trains 3 steps of a small GPT-shaped tree with one jitted update,
+on one device and on the mesh (weights sharded over their first axis, FSDP; on 2-D meshes
+``P("fsdp", "tp")``), and reports ``max|sharded - single| / max|single|`` of the updates and
+the state, and from the compiled mesh program: the collectives per step, those inside a
+while loop, and whether the matrix work ran on owners (an ``all-to-all`` there and back).
+Prints one line ``OWNER_REPORT <json>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import re
+import sys
+import traceback
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import rlx_optax  # noqa: E402
+
+FAMILIES = {
+    "muon": lambda: rlx_optax.muon(3e-3),
+    "muon_reference": lambda: rlx_optax.muon(0.02, behaviour="reference"),
+    "mars_shampoo": lambda: rlx_optax.mars(3e-3, variant="shampoo"),
+    "stiefel": lambda: rlx_optax.stiefel(0.1, momentum=0.9),
+    "soap": lambda: rlx_optax.soap(3e-3, precond_freq=2),
+    "soap_reference": lambda: rlx_optax.soap(3e-3, behaviour="reference", precond_freq=2),
+    "kron": lambda: rlx_optax.kron_psgd(3e-3),
+    "kron_reference": lambda: rlx_optax.kron_psgd(3e-3, behaviour="reference"),
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+STEPS = 3
+
+
+def gpt_tree(width: int, layers: int, vocab: int) -> dict:
+    """A GPT-shaped parameter tree (float32, small random values)."""
+    rng = np.random.default_rng(0)
+    shapes: dict = {"embed": (vocab, width), "head": (width, vocab)}
+    for k in range(layers):
+        shapes[f"layer{k}"] = {
+            "qkv": (width, 3 * width),
+            "out": (width, width),
+            "up": (width, 4 * width),
+            "down": (4 * width, width),
+            "norm": (width,),
+            "up_bias": (4 * width,),
+        }
+    return jax.tree.map(
+        lambda s: jnp.asarray(0.02 * rng.standard_normal(s), jnp.float32),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def gradients(params: dict, step: int) -> dict:
+    rng = np.random.default_rng(100 + step)
+    return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+
+
+def make_mesh(name: str) -> jax.sharding.Mesh:
+    """'8', '4x2', '2' (the first devices); Auto axes."""
+    dims = tuple(int(d) for d in name.split("x"))
+    axes = ("fsdp", "tp")[: len(dims)]
+    kind = AxisType.Auto
+    n = int(np.prod(dims))
+    devices = np.asarray(jax.devices()[:n]).reshape(dims)
+    return jax.sharding.Mesh(devices, axes, axis_types=(kind,) * len(dims))
+
+
+def spec_of(p: jax.Array, mesh: jax.sharding.Mesh) -> P:
+    axes = mesh.axis_names
+    n = mesh.size
+    if p.ndim == 2:
+        if len(axes) == 2:
+            return P("fsdp", "tp")
+        return P(axes[0], None)
+    return P(axes if len(axes) > 1 else axes[0]) if p.shape[0] % n == 0 else P()
+
+
+def collectives(hlo: str) -> tuple[int, int, int]:
+    """(collectives, those in computations a while loop runs, all-to-alls) in optimized HLO."""
+    bodies: dict[str, str] = {}
+    for match in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M):
+        bodies[match.group(1)] = match.group(2)
+    loops: set[str] = set()
+    for text in bodies.values():
+        for m in re.finditer(r"while\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)", text):
+            loops.update(m.groups())
+    # everything a loop body calls runs in the loop too
+    changed = True
+    while changed:
+        changed = False
+        for name in list(loops):
+            for callee in re.findall(
+                r"(?:calls|to_apply|body|condition|branch_computations)="
+                r"\{?%?([\w.\-, %]+)\}?",
+                bodies.get(name, ""),
+            ):
+                for c in re.split(r"[, %]+", callee):
+                    if c and c in bodies and c not in loops:
+                        loops.add(c)
+                        changed = True
+    pattern = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+    total = in_loops = all_to_all = 0
+    for name, text in bodies.items():
+        found = pattern.findall(text)
+        total += len(found)
+        all_to_all += sum(f == "all-to-all" for f in found)
+        if name in loops:
+            in_loops += len(found)
+    return total, in_loops, all_to_all
+
+
+def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
+    tx = FAMILIES[name]()
+    grads = [jax.tree.map(lambda g: g * nudge, gradients(params, k)) for k in range(STEPS)]
+    if mesh is None:
+        place = lambda t: t  # noqa: E731
+        state = tx.init(params)
+    else:
+        shardings = jax.tree.map(lambda p: NamedSharding(mesh, spec_of(p, mesh)), params)
+        place = lambda t: jax.device_put(t, shardings)  # noqa: E731
+        state = jax.jit(tx.init, out_shardings=rlx_optax.state_shardings(tx, params, shardings))(
+            place(params)
+        )
+    step = jax.jit(tx.update)
+    p = place(params)
+    hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
+    updates = []
+    for g in grads:
+        u, state = step(place(g), state, p)
+        updates.append(u)
+    return updates, state, hlo
+
+
+def loop_probe() -> list[int]:
+    """`collectives` of a program with a psum inside a `fori_loop`: shows the parser sees one."""
+    mesh = make_mesh("8")
+
+    def body(x):
+        return jax.lax.fori_loop(0, 3, lambda i, y: jax.lax.psum(y, "fsdp") * 0.5 + y, x)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("fsdp"), out_specs=P("fsdp")))
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp")))
+    return list(collectives(f.lower(x).compile().as_text()))
+
+
+def check_layouts() -> dict[str, bool]:
+    """Each device's block from `_owner._Layout` against `NamedSharding.devices_indices_map`."""
+    from rlx_optax._src.transforms import _owner
+
+    out = {}
+    whole = np.arange(16 * 8 * 4, dtype=np.float32).reshape(16, 8, 4)
+    for mesh_name in ("8", "4x2"):
+        mesh = make_mesh(mesh_name)
+        if mesh_name == "8":
+            specs = [P("fsdp"), P(None, "fsdp"), P()]
+        else:
+            specs = [P("fsdp"), P(None, "tp"), P("fsdp", None, "tp"), P(), P(("fsdp", "tp"))]
+            specs += [P("tp", "fsdp"), P(None, ("tp", "fsdp"))]
+        specs.append(_owner.canonical_spec(whole.shape, mesh))
+        for spec in specs:
+            layout = _owner._Layout(whole.shape, spec, mesh)
+            rows = np.asarray(layout.split(jnp.asarray(whole)))
+            indices = NamedSharding(mesh, spec).devices_indices_map(whole.shape)
+            ok = all(
+                np.array_equal(rows[s], whole[indices[d]].ravel())
+                for s, d in enumerate(mesh.devices.flat)
+            )
+            back = np.asarray(layout.assemble(jnp.asarray(rows)))
+            out[f"{mesh_name}:{spec}"] = ok and np.array_equal(back, whole)
+    return out
+
+
+def floats(state) -> list:
+    return [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def relative(a, b) -> float:
+    num = max((float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b, strict=True)), default=0.0)
+    den = max((float(jnp.max(jnp.abs(x))) for x in a), default=0.0)
+    return num / den if den else num
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--meshes", default="8,4x2")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+    params = gpt_tree(args.width, args.layers, args.vocab)
+    report: dict = {"layouts": check_layouts(), "loop_probe": loop_probe()}
+    for name in args.families.split(","):
+        single_u, single_s, _ = run(name, params)
+        # the same run with every gradient one float32 ulp larger: how far rounding alone moves
+        # this family's results (an eigenbasis of a rank-deficient statistic is not unique)
+        nudged_u, nudged_s, _ = run(name, params, nudge=1 + 2.0**-23)
+        report[f"{name}@ulp"] = {
+            "updates": relative(jax.tree.leaves(single_u), jax.tree.leaves(nudged_u)),
+            "state": relative(floats(single_s), floats(nudged_s)),
+        }
+        for mesh_name in args.meshes.split(","):
+            key = f"{name}@{mesh_name}"
+            try:
+                mesh = make_mesh(mesh_name)
+                updates, state, hlo = run(name, params, mesh)
+                total, in_loops, all_to_all = collectives(hlo)
+                report[key] = {
+                    "ok": True,
+                    "updates": relative(
+                        jax.tree.leaves(single_u), jax.tree.leaves(jax.device_get(updates))
+                    ),
+                    "updates_per_step": [
+                        relative(jax.tree.leaves(a), jax.tree.leaves(jax.device_get(b)))
+                        for a, b in zip(single_u, updates, strict=True)
+                    ],
+                    "state": relative(floats(single_s), floats(jax.device_get(state))),
+                    "collectives": total,
+                    "in_loops": in_loops,
+                    "all_to_all": all_to_all,
+                }
+            except Exception as exc:  # reported, the other runs go on
+                report[key] = {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "traceback": traceback.format_exc()[-3000:],
+                }
+            print(
+                key,
+                report[key].get("updates", report[key].get("error")),
+                flush=True,
+                file=sys.stderr,
+            )
+    print("OWNER_REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
