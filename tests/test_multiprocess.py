@@ -41,13 +41,6 @@ ROOT = WORKER.parent.parent
 PROCESSES, LOCAL_DEVICES = 2, 4
 STRICT_TOL = 1e-4
 
-KRON_ABORT = (
-    "Kron (crate defaults) on the 2-process mesh aborts in its first step at 4b55685: gloo "
-    "'op.preamble.length <= op.nbytes. 4096 vs 1024 ... Is there a distributed collective "
-    "mismatch' (devices run compiler-placed collectives in different orders; docs/scaling.md); "
-    "the owner-compute path is meant to fix it"
-)
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -162,15 +155,11 @@ def slow_run(tmp_path_factory) -> dict:
     return launch(tmp_path_factory.mktemp("multiprocess_slow"), SLOW_OPTIMIZERS, timeout_s=400)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "muon",
-        "soap",
-        pytest.param("kron", marks=pytest.mark.xfail(strict=False, reason=KRON_ABORT)),
-    ],
-)
+@pytest.mark.parametrize("name", CI_OPTIMIZERS)
 def test_two_processes_match_one_device(ci_run, name):
+    """Kron's defaults aborted here before owner compute (gloo: 'op.preamble.length <=
+    op.nbytes ... Is there a distributed collective mismatch': the devices ran compiler-placed
+    collectives in different orders); with it the only collectives are the two exchanges."""
     check(ci_run, name)
 
 
