@@ -36,6 +36,8 @@ import rlx_optax  # noqa: E402
 FAMILIES = {
     "muon": lambda: rlx_optax.muon(3e-3),
     "muon_reference": lambda: rlx_optax.muon(0.02, behaviour="reference"),
+    # scanned layers: a (layers, rows, cols) leaf is a stack of matrices (axis 0 batch)
+    "muon_scanned": lambda: rlx_optax.muon(3e-3, matrix_axes=_last_two_axes),
     "mars_shampoo": lambda: rlx_optax.mars(3e-3, variant="shampoo"),
     "stiefel": lambda: rlx_optax.stiefel(0.1, momentum=0.9),
     "soap": lambda: rlx_optax.soap(3e-3, precond_freq=2),
@@ -43,6 +45,14 @@ FAMILIES = {
     "kron": lambda: rlx_optax.kron_psgd(3e-3),
     "kron_reference": lambda: rlx_optax.kron_psgd(3e-3, behaviour="reference"),
 }
+
+
+def _last_two_axes(tree):
+    return jax.tree.map(
+        lambda p: rlx_optax.MatrixAxes(p.ndim - 2, p.ndim - 1) if p.ndim >= 2 else None, tree
+    )
+
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 STEPS = 3
 
@@ -83,13 +93,19 @@ def make_mesh(name: str) -> jax.sharding.Mesh:
 
 
 def spec_of(p: jax.Array, mesh: jax.sharding.Mesh) -> P:
+    """Matrices (and stacks of them) on their rows, and columns on a 2-D mesh; vectors (and
+    stacks of them) on their last axis; replicated where the mesh does not divide."""
     axes = mesh.axis_names
-    n = mesh.size
-    if p.ndim == 2:
-        if len(axes) == 2:
-            return P("fsdp", "tp")
-        return P(axes[0], None)
-    return P(axes if len(axes) > 1 else axes[0]) if p.shape[0] % n == 0 else P()
+    sizes = [mesh.shape[a] for a in axes]
+    lead = (None,) * (p.ndim - 2)
+    if p.ndim >= 2 and p.shape[-2] % sizes[0] == 0:
+        if len(axes) == 1:
+            return P(*lead, axes[0], None)
+        if p.shape[-1] % sizes[1] == 0:
+            return P(*lead, axes[0], axes[1])
+    if p.ndim >= 1 and p.shape[-1] % mesh.size == 0:
+        return P(*((None,) * (p.ndim - 1)), axes if len(axes) > 1 else axes[0])
+    return P()
 
 
 def collectives(hlo: str) -> tuple[int, int, int]:
@@ -210,10 +226,18 @@ def main() -> None:
     params = gpt_tree(args.width, args.layers, args.vocab)
     report: dict = {"layouts": check_layouts(), "loop_probe": loop_probe()}
     for name in args.families.split(","):
-        single_u, single_s, _ = run(name, params)
+        tree = params
+        if name == "muon_scanned":  # the layers as one stacked leaf, as a scanned model has
+            layers = [params[f"layer{k}"] for k in range(args.layers)]
+            tree = {
+                "embed": params["embed"],
+                "head": params["head"],
+                "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers),
+            }
+        single_u, single_s, _ = run(name, tree)
         # the same run with every gradient one float32 ulp larger: how far rounding alone moves
         # this family's results (an eigenbasis of a rank-deficient statistic is not unique)
-        nudged_u, nudged_s, _ = run(name, params, nudge=1 + 2.0**-23)
+        nudged_u, nudged_s, _ = run(name, tree, nudge=1 + 2.0**-23)
         report[f"{name}@ulp"] = {
             "updates": relative(jax.tree.leaves(single_u), jax.tree.leaves(nudged_u)),
             "state": relative(floats(single_s), floats(nudged_s)),
@@ -222,7 +246,7 @@ def main() -> None:
             key = f"{name}@{mesh_name}"
             try:
                 mesh = make_mesh(mesh_name)
-                updates, state, hlo = run(name, params, mesh)
+                updates, state, hlo = run(name, tree, mesh)
                 total, in_loops, all_to_all = collectives(hlo)
                 report[key] = {
                     "ok": True,

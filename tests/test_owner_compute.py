@@ -26,6 +26,7 @@ ROOT = WORKER.parent.parent
 FAMILIES = (
     "muon",
     "muon_reference",
+    "muon_scanned",
     "mars_shampoo",
     "stiefel",
     "soap",

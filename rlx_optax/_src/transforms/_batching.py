@@ -93,6 +93,7 @@ def grouped_map(
     tree: Any,
     *rest: Any,
     min_group: int = 2,
+    stacked: bool = False,
 ) -> tuple:
     """`common.tree_map_multi` with same-shaped leaves batched under `jax.vmap`.
 
@@ -105,7 +106,10 @@ def grouped_map(
     leaf runs alone (see the module docstring) unless batching is forced.
 
     On a mesh of several devices (the arguments' types, or `jax.set_mesh`) every leaf runs on
-    one owner device, on whole matrices (`_owner`), unless `_owner.owner_compute(False)`.
+    one owner device, on whole matrices (`_owner`), unless `_owner.owner_compute(False)`. With
+    `stacked`, `fn` treats a leading axis beyond a matrix's two as a stack of independent
+    matrices (Muon's scanned layers): on a mesh each matrix of such a stack is then owned on
+    its own, so a few stacked leaves still spread over every device.
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
@@ -122,14 +126,48 @@ def grouped_map(
         return _run_grouped(fn, calls, min_group)
 
     mesh = _owner.mesh_of([x for flat, _ in calls for x in flat if _is_array(x)])
-    if mesh is not None:
-        results = _owner.run(fn, n_out, calls, mesh, local)
-    else:
+    if mesh is None:
         results = local(calls)
+    elif stacked:
+        pieces, spans = [], []
+        for flat, struct in calls:
+            split = _unstack(flat)
+            spans.append(len(pieces) if split is None else (len(pieces), len(split)))
+            pieces.extend([(flat, struct)] if split is None else [(f, struct) for f in split])
+        done = _owner.run(fn, n_out, pieces, mesh, local)
+        results = []
+        for span in spans:
+            if isinstance(span, int):
+                results.append(done[span])
+                continue
+            start, count = span
+            parts = done[start : start + count]
+            results.append(
+                tuple(
+                    jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in parts])
+                    for k in range(n_out)
+                )
+            )
+    else:
+        results = _owner.run(fn, n_out, calls, mesh, local)
     for i, result in zip(indices, results, strict=True):
         for k in range(n_out):
             outs[k][i] = result[k]
     return tuple(treedef.unflatten(o) for o in outs)
+
+
+def _unstack(flat: list[Any]) -> list[list[Any]] | None:
+    """The arguments of each matrix of a stack: every array of rank 3, one leading size."""
+    arrays = [x for x in flat if _is_array(x)]
+    if not arrays or any(np.ndim(x) != 3 for x in arrays):
+        return None
+    sizes = {x.shape[0] for x in arrays}
+    if len(sizes) != 1:
+        return None
+    count = sizes.pop()
+    if count < 2:
+        return None
+    return [[x[n] if _is_array(x) else x for x in flat] for n in range(count)]
 
 
 def _run_grouped(

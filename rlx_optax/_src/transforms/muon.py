@@ -236,7 +236,7 @@ def scale_by_muon(
         views = jax.tree_util.tree_map_with_path(view_of, d, is_leaf=common.is_empty)
         # Newton-Schulz runs once per group of same-shaped matrices (one batched product
         # chain per shape, `grouped_map`), not once per leaf.
-        (o,) = _batching.grouped_map(orthogonalise, 1, views)
+        (o,) = _batching.grouped_map(orthogonalise, 1, views, stacked=True)
 
         def finish(path, g, d, o):
             if common.is_empty(g):
