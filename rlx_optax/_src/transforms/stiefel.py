@@ -119,15 +119,26 @@ def retract_stiefel(eps: float = 1e-12, *, precision: Any = None) -> optax.Gradi
         if params is None:
             raise ValueError("retract_stiefel needs params: call update(grads, state, params)")
 
-        def retract(u, w):
+        def moved(u, w):  # W + U, in the compute dtype
             ct = common.compute_dtype(w.dtype)
-            w32 = w.astype(ct)
-            new = gram_schmidt_rows(w32 + u.astype(ct), eps=eps, precision=precision)
-            return ((new - w32).astype(u.dtype),)
+            return w.astype(ct) + u.astype(ct)
 
-        # whole matrices, on owner devices on a mesh (`grouped_map`)
-        (retracted,) = _batching.grouped_map(retract, 1, _stiefel_leaves(updates), params)
-        (u,) = common.tree_map_multi(lambda u, r: (u if r is None else r,), 1, updates, retracted)
+        def retract(x):
+            return (gram_schmidt_rows(x, eps=eps, precision=precision),)
+
+        # Gram-Schmidt needs whole matrices: only W + U goes to an owner device on a mesh
+        # (`grouped_map`), the difference with W is taken in the parameter's own layout
+        targets = common.tree_map_none(
+            lambda u, w: moved(u, w) if is_stiefel_leaf(u.shape) else None, updates, params
+        )
+        (retracted,) = _batching.grouped_map(retract, 1, targets)
+
+        def step(u, w, r):
+            if r is None:
+                return (u,)
+            return ((r - w.astype(r.dtype)).astype(u.dtype),)
+
+        (u,) = common.tree_map_multi(step, 1, updates, params, retracted)
         return u, state
 
     return optax.GradientTransformation(init_fn, update_fn)
