@@ -26,13 +26,37 @@ from rlx_optax._src.stateful.compiled import Compiled, compiled
 _SETTABLE = frozenset({"lr", "donate_params"})
 
 
+#: The storage arguments a pure factory may take (the state-precision table's columns).
+STATE_PRECISION_ARGS = ("mu_dtype", "nu_dtype", "stochastic_rounding")
+
+
+def _state_precision(row: registry.Algorithm, given: Any, owner: Any) -> dict[str, Any]:
+    """`given` checked against what `row`'s factory accepts; {} for None."""
+    if given is None:
+        return {}
+    where = f"{type(owner).__name__}(state_precision=...)"
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{where}: expected a mapping of argument names, got {given!r}")
+    accepted = [a for a in STATE_PRECISION_ARGS if a in inspect.signature(row.factory).parameters]
+    for key in given:
+        if key not in accepted:
+            raise ValueError(
+                f"{where}: {row.name} takes no state-precision argument {key!r}; it takes "
+                f"{accepted or 'none'}"
+            )
+    return dict(given)
+
+
 class Optimizer:
     """Base of the crate-style optimizers: per-name state over one pure transform.
 
     Subclasses (``Sgd``, ``AdamW``, ...) are generated from `registry.ALGORITHMS`: the
     constructor takes ``lr`` first and every public field of the crate's struct as a keyword
     with the crate's default, plus ``lr_scale`` (a mapping name -> factor, or a callable) and
-    ``donate_params`` (JAX-array parameters are donated to the compiled step; default True).
+    ``donate_params`` (JAX-array parameters are donated to the compiled step; default True)
+    and ``state_precision`` (a mapping of the pure factory's state-storage arguments, e.g.
+    ``{"mu_dtype": "q8", "nu_dtype": jnp.bfloat16, "stochastic_rounding": True}``; see
+    docs/guides/state_precision.md; fixed at construction).
     Changing a field (directly or through a ``with_*`` builder) takes effect at the next step
     and compiles once for the new configuration; ``lr`` is data and never recompiles. Setting
     any other public attribute (a misspelled field) raises `AttributeError`.
@@ -47,6 +71,7 @@ class Optimizer:
         *,
         lr_scale: Mapping[str, float] | Callable[[str], float] | None = None,
         donate_params: bool = True,
+        state_precision: Mapping[str, Any] | None = None,
         **fields: Any,
     ):
         row = self.algorithm
@@ -60,6 +85,7 @@ class Optimizer:
                 f"{type(self).__name__} has no field {sorted(unknown)}; fields: {self._fields}"
             )
         object.__setattr__(self, "_tx", None)
+        object.__setattr__(self, "_precision", _state_precision(row, state_precision, self))
         for name, default in self._defaults().items():
             object.__setattr__(self, name, fields.get(name, default))
         self.lr = lr
@@ -101,6 +127,8 @@ class Optimizer:
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        if self._precision:
+            fields += f", state_precision={self._precision!r}"
         return f"{type(self).__name__}(lr={self.lr!r}, {fields})"
 
     def _transform(self) -> Compiled:
@@ -109,7 +137,7 @@ class Optimizer:
             crate = {f: getattr(self, f) for f in self._fields if f in row.crate_fields}
             crate["lr"] = self.lr
             try:
-                tx = compiled(row, row.factory_kwargs(**crate))
+                tx = compiled(row, {**row.factory_kwargs(**crate), **self._precision})
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}: {err}") from None
             object.__setattr__(self, "_tx", tx)
