@@ -103,7 +103,10 @@ PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
         for name in ("muon", "kron_psgd")
     },
     # MARS: mu_dtype rounded to nearest, no q8 yet
-    "mars": {"bf16": {"mu_dtype": _BF16}, "q8": None},
+    "mars": {
+        "bf16": {**_TWO_MOMENTS["bf16"], "prev_grad_dtype": _BF16},
+        "q8": {**_TWO_MOMENTS["q8"], "prev_grad_dtype": "q8"},
+    },
     "soap": {"bf16": {**_TWO_MOMENTS["bf16"]}, "q8": None},
     **{name: {"bf16": None, "q8": None} for name in ("adafactor", "stiefel")},
 }
@@ -123,7 +126,7 @@ PARTIAL = {
     "adafactor (momentum 0.9)": "the momentum; the factored second moment float32",
     "sophia": "mu only (h float32)",
     "muon": "momentum",
-    "mars": "mu only, rounded to nearest (nu, previous gradient float32)",
+    "mars": "mu, nu and the previous gradient",
     "kron_psgd": "momentum; the factors float32",
     "soap": "mu and nu (bf16 only); statistics and bases float32",
 }

@@ -94,6 +94,7 @@ def grouped_map(
     *rest: Any,
     min_group: int = 2,
     stacked: bool = False,
+    cost: Callable[[list[Any]], float] | None = None,
 ) -> tuple:
     """`common.tree_map_multi` with same-shaped leaves batched under `jax.vmap`.
 
@@ -109,7 +110,9 @@ def grouped_map(
     one owner device, on whole matrices (`_owner`), unless `_owner.owner_compute(False)`. With
     `stacked`, `fn` treats a leading axis beyond a matrix's two as a stack of independent
     matrices (Muon's scanned layers): on a mesh each matrix of such a stack is then owned on
-    its own, so a few stacked leaves still spread over every device.
+    its own, so a few stacked leaves still spread over every device. `cost(arrays)` estimates
+    a leaf's work from its array arguments for the choice of owners (`_owner.leaf_cost` by
+    default).
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
@@ -134,7 +137,7 @@ def grouped_map(
             split = _unstack(flat)
             spans.append(len(pieces) if split is None else (len(pieces), len(split)))
             pieces.extend([(flat, struct)] if split is None else [(f, struct) for f in split])
-        done = _owner.run(fn, n_out, pieces, mesh, local)
+        done = _owner.run(fn, n_out, pieces, mesh, local, cost)
         results = []
         for span in spans:
             if isinstance(span, int):
@@ -149,7 +152,7 @@ def grouped_map(
                 )
             )
     else:
-        results = _owner.run(fn, n_out, calls, mesh, local)
+        results = _owner.run(fn, n_out, calls, mesh, local, cost)
     for i, result in zip(indices, results, strict=True):
         for k in range(n_out):
             outs[k][i] = result[k]

@@ -15,7 +15,8 @@ instead every leaf gets one owner device. In one `shard_map` over all mesh axes:
 Owners are chosen once per traced step, largest cost first onto the least loaded device, over
 all shapes together (a 6-layer model has fewer matrices of one shape than 8 devices have
 places). The cost of a leaf is estimated from its array arguments: ``rows * cols * min(rows,
-cols)`` per matrix (a product chain, an eigendecomposition), the size of a vector.
+cols)`` per matrix (a product chain, an eigendecomposition), the size of a vector; SOAP and
+Kron give `preconditioned_cost` instead (their factorisations run only on refresh steps).
 
 Layouts. Owner compute runs on meshes with Auto axes (``jax.jit`` with sharded inputs, with or
 without `jax.set_mesh`). The partition spec of an argument is not visible while tracing there,
@@ -218,6 +219,14 @@ def leaf_cost(arrays: Sequence[Any]) -> float:
     return cost
 
 
+def preconditioned_cost(arrays: Sequence[Any]) -> float:
+    """Work of one step of a per-axis preconditioner on the leaf `arrays[0]` (SOAP's and Kron's
+    products of the gradient with a factor per axis): ``size * sum(shape)``. Their
+    factorisations (cubic in a side) run only on refresh steps and are left out."""
+    g = arrays[0]
+    return float(math.prod(g.shape) * max(1, sum(g.shape)))
+
+
 def assign_owners(costs: Sequence[float], devices: int) -> list[int]:
     """Owner of each item: largest cost first onto the least loaded device (ties: lowest)."""
     load = [0.0] * devices
@@ -249,6 +258,7 @@ def run(
     calls: list[tuple[list[Any], Any]],
     mesh: Any,
     local: Callable[[list[tuple[list[Any], Any]]], list[tuple]],
+    cost: Callable[[list[Any]], float] | None = None,
 ) -> list[tuple]:
     """``fn`` applied to every leaf's arguments, each on its owner device of `mesh`.
 
@@ -278,7 +288,8 @@ def run(
     if not owned:
         return results  # type: ignore[return-value]
 
-    costs = [leaf_cost([calls[i][0][j] for j in infos[i]["arrays"]]) for i in owned]
+    cost = cost or leaf_cost
+    costs = [cost([calls[i][0][j] for j in infos[i]["arrays"]]) for i in owned]
     owner_of = dict(zip(owned, assign_owners(costs, devices), strict=True))
 
     # result shapes, and each result's layout (the argument's at the same position when the

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _lowbit, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis
 from rlx_optax._src.transforms import sgd as _sgd
 
 
@@ -349,7 +349,12 @@ def scale_by_kron_psgd(
             used += take
         # Same-shaped leaves run as one batched computation (`grouped_map`).
         u, factors = _batching.grouped_map(
-            leaf, 2, updates, per_leaf_factors, treedef.unflatten(probe_keys)
+            leaf,
+            2,
+            updates,
+            per_leaf_factors,
+            treedef.unflatten(probe_keys),
+            cost=_owner.preconditioned_cost,
         )
         return u, KronPsgdState(count, new_key, counter, _per_axis.by_axis(factors, updates))
 

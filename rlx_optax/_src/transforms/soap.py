@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _lowbit, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -433,7 +433,14 @@ def scale_by_soap(
                 for t in (state.mu, state.nu)
             )
         u, mu, nu, stats, bases = _batching.grouped_map(
-            leaf, 5, updates, mu_in, nu_in, per_leaf_stats, per_leaf_bases
+            leaf,
+            5,
+            updates,
+            mu_in,
+            nu_in,
+            per_leaf_stats,
+            per_leaf_bases,
+            cost=_owner.preconditioned_cost,
         )
         if widen:
             index = _lowbit.leaf_indices(updates)
