@@ -142,6 +142,20 @@ def collectives(hlo: str) -> tuple[int, int, int]:
     return total, in_loops, all_to_all
 
 
+def state_share(state) -> float:
+    """Largest per-device bytes of the state / (total bytes / devices)."""
+    per_device: dict = {}
+    total = 0
+    for x in jax.tree.leaves(state):
+        total += x.nbytes
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values()) / (total / len(per_device))
+
+
+SHARES: dict[str, float] = {}
+
+
 def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
     tx = FAMILIES[name]()
     grads = [jax.tree.map(lambda g: g * nudge, gradients(params, k)) for k in range(STEPS)]
@@ -154,6 +168,7 @@ def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, o
         state = jax.jit(tx.init, out_shardings=rlx_optax.state_shardings(tx, params, shardings))(
             place(params)
         )
+        SHARES[name] = state_share(state)
     step = jax.jit(tx.update)
     p = place(params)
     hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
@@ -261,6 +276,7 @@ def main() -> None:
                     "collectives": total,
                     "in_loops": in_loops,
                     "all_to_all": all_to_all,
+                    "state_share": SHARES.pop(name),
                 }
             except Exception as exc:  # reported, the other runs go on
                 report[key] = {

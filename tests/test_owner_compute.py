@@ -89,6 +89,8 @@ def _check(report: dict, family: str, mesh: str) -> None:
     # collective inside any loop (Newton-Schulz, eigen refresh, Gram-Schmidt)
     assert result["all_to_all"] >= 2, f"{where}: no all-to-all, the matrices were not moved"
     assert result["in_loops"] == 0, f"{where}: {result['in_loops']} collectives inside loops"
+    # the state placed by `state_shardings`: about an equal share on every device
+    assert result["state_share"] <= 1.2, f"{where}: largest state share {result['state_share']}"
 
 
 @pytest.mark.parametrize("mesh", ["8", "4x2"])

@@ -31,10 +31,13 @@ def state_shardings(
       parameter's shape (moments, momentum, the previous gradient) takes the parameter's
       sharding;
     * a leaf kept for a parameter with another shape (SOAP's statistics and eigenbases, Kron's
-      factors, Adafactor's row and column factors) is split along its first axis over the mesh
-      axes that split the parameter's first axis, when they divide it, on an Auto mesh; it is
-      replicated otherwise, and on an Explicit mesh, where the matrix families compute these
-      matrices replicated (their layouts are part of the array types there);
+      factors, Adafactor's row and column factors) is split along its first axis on an Auto
+      mesh: over all mesh axes when the device count divides it (the layout in which owner
+      compute exchanges it, so the exchange needs no resharding and every device holds about
+      1/P of it), else over the mesh axes that split the parameter's first axis when they
+      divide it; it is replicated otherwise, and on an Explicit mesh, where the matrix
+      families compute these matrices replicated (their layouts are part of the array types
+      there);
     * everything else (step counts, PRNG keys, hyperparameters) is replicated.
 
     Args:
@@ -94,6 +97,9 @@ def state_shardings(
             return sharding
         if AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
             return replicated
+        axes = tuple(mesh.axis_names)
+        if leaf.shape[0] % mesh.size == 0 and leaf.shape[0] >= mesh.size:
+            return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
         spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
         first = spec[0] if spec else None
         if first is not None and leaf.shape[0] % _mesh_axes_size(mesh, first) == 0:
