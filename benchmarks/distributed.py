@@ -545,7 +545,9 @@ def worker(mesh_name: str, config: str, mode: str, quick: bool) -> None:
                 worst_updates,
                 max(rel(u_s[k], u_1[k]) for k in shapes),
             )
-            p_s = optax.apply_updates(p_s, u_s)
+            # as a pinned train step would: the parameters back in their own layout (an
+            # unpinned update may come out in owner compute's exchange layout)
+            p_s = jax.device_put(optax.apply_updates(p_s, u_s), param_sh)
             p_1 = optax.apply_updates(p_1, u_1)
         for a, b in zip(jax.tree.leaves(s_s), jax.tree.leaves(s_1), strict=True):
             if hasattr(b, "dtype") and np.issubdtype(b.dtype, np.floating):

@@ -36,6 +36,7 @@ from benchmarks import (  # noqa: E402
     lr_sweep,
     memory,
     model,
+    precision_convergence,
 )
 
 # Module -> (arguments for a full run, arguments for a smoke run or None to skip it there,
@@ -63,6 +64,11 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
         [],
         ["--quick", "--mesh", "fsdp8", "--config", "muon", "adamw"],
         "Sharded training: per-device programs on 8 devices",
+    ),
+    "precision_convergence": (
+        [],
+        ["--small", "--problems", "digits", "--families", "adamw"],
+        "State precision: convergence with bfloat16 and 8-bit state",
     ),
 }
 SOURCE = {"kron_soap_large": "kron_soap"}
@@ -260,6 +266,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = render_lr_sweep(payload)
         elif name == "distributed":
             body = distributed.render(payload)
+        elif name == "precision_convergence":
+            body = precision_convergence.table(payload)
         else:
             body = render_generic(payload)
         source = SOURCE.get(name, name)

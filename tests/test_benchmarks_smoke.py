@@ -163,3 +163,18 @@ def test_distributed_quick_muon_and_adamw(tmp_path):
 
     text = run.render(tmp_path, [], "plots")
     assert "## Sharded training" in text and "| fsdp8 | adamw |" in text
+
+
+def test_precision_convergence_section(tmp_path):
+    """`run.py` runs the state-precision convergence module and renders its verdicts."""
+    results = tmp_path / "RESULTS.md"
+    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(tmp_path / "json")}
+    cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
+    cmd += ["--modules", "precision_convergence"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert "## State precision: convergence" in text
+    data = json.loads((tmp_path / "json" / "precision_convergence.json").read_text())
+    rows = data["problems"]["digits"]
+    assert rows, "no digits results"
