@@ -44,6 +44,10 @@ FAMILIES = {
     "soap_reference": lambda: rlx_optax.soap(3e-3, behaviour="reference", precond_freq=2),
     "kron": lambda: rlx_optax.kron_psgd(3e-3),
     "kron_reference": lambda: rlx_optax.kron_psgd(3e-3, behaviour="reference"),
+    # 8-bit state (issue 21): block-wise codes along the last axis, under owner compute
+    # (Muon's momentum) and under the compiler's partitioning (AdamW's moments)
+    "muon_q8": lambda: rlx_optax.muon(3e-3, mu_dtype="q8"),
+    "adamw_q8": lambda: rlx_optax.adamw(3e-3, mu_dtype="q8", nu_dtype="q8"),
 }
 
 

@@ -38,6 +38,8 @@ def state_shardings(
       divide it; it is replicated otherwise, and on an Explicit mesh, where the matrix
       families compute these matrices replicated (their layouts are part of the array types
       there);
+    * the codes and block scales of an 8-bit moment (`QuantizedArray`) count as kept for its
+      parameter: the codes take the parameter's sharding, the scales the rule above;
     * everything else (step counts, PRNG keys, hyperparameters) is replicated.
 
     Args:
@@ -89,7 +91,9 @@ def state_shardings(
         return None
 
     def sharding_of(path, leaf):
-        found = owner(tuple(path))
+        # a leaf of a per-parameter container (an 8-bit moment's codes and scales) belongs to
+        # the parameter its container is kept for
+        found = owner(tuple(path)) or (owner(tuple(path)[:-1]) if len(path) > 1 else None)
         if found is None or len(leaf.shape) == 0:
             return replicated
         shape, sharding = found
