@@ -76,3 +76,60 @@ def ns64(x, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if t else X
+
+
+def lowbit_params(seed: int = 0) -> dict:
+    """The low-precision state tests' tree: a quantized matrix, a quantized vector (>= 4096
+    elements) and a small vector that 8-bit state keeps in float32."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(64, 300)) * 0.1, jnp.float32),
+        "e": jnp.asarray(rng.normal(size=(4096,)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+    }
+
+
+def lowbit_grads(seed: int) -> dict:
+    """Gradients for `lowbit_params` with magnitudes over three decades, so that blocks hold
+    small and large entries."""
+    rng = np.random.default_rng(seed + 100)
+    return {
+        k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape), v.dtype)
+        for k, v in lowbit_params().items()
+    }
+
+
+def assert_injected_keeps_state(plain, injected, params, grads, steps: int = 3) -> None:
+    """`injected` (an `optax.inject_hyperparams` of `plain`'s factory) keeps `plain`'s state
+    bit for bit over `steps` jitted updates on ``grads(i)``. The updates agree to float32
+    rounding: the two programs compile the matrix products apart (Newton-Schulz, rotations)
+    and a traced learning rate multiplies last."""
+    s1, s2 = plain.init(params), injected.init(params)
+    for i in range(steps):
+        u1, s1 = jax.jit(plain.update)(grads(i), s1, params)
+        u2, s2 = jax.jit(injected.update)(grads(i), s2, params)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+            atol = 1e-4 * float(np.max(np.abs(np.asarray(b))))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2.inner_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def assert_resume_bit_exact(tx, run) -> None:
+    """Six steps of `tx` on `lowbit_params` equal three, a save and restore through
+    `flax.serialization` into other arrays, and three more, bit for bit and dtype for dtype.
+    ``run(tx, params, state, seeds)`` takes one step per seed and returns (params, state)."""
+    import flax.serialization
+
+    p0 = lowbit_params()
+    want = run(tx, p0, tx.init(p0), range(6))
+    half = run(tx, p0, tx.init(p0), range(3))
+    fresh = lowbit_params(5)
+    target = {"p": fresh, "s": tx.init(fresh)}
+    blob = flax.serialization.to_bytes({"p": half[0], "s": half[1]})
+    resumed = jax.tree.map(jnp.asarray, flax.serialization.from_bytes(target, blob))
+    got = run(tx, resumed["p"], resumed["s"], range(3, 6))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

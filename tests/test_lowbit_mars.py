@@ -9,7 +9,6 @@ uninterrupted runs (bit-exact resumes through flax serialization).
 
 from __future__ import annotations
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,9 @@ import optax
 import pytest
 
 import rlx_optax
-from tests.problems import ns64
+from tests.problems import assert_injected_keeps_state, assert_resume_bit_exact, ns64
+from tests.problems import lowbit_grads as grads_tree
+from tests.problems import lowbit_params as params_tree
 
 Q8 = {"mu_dtype": "q8", "nu_dtype": "q8", "prev_grad_dtype": "q8"}
 BF16_SR = {
@@ -42,24 +43,6 @@ CONFIGS["adamw-prev-q8"] = ({}, {"prev_grad_dtype": "q8"})
 # half a step of the top group of the 8-bit codes, as a fraction of the block maximum: the
 # signed code has 64 values in (1/8, 1], the unsigned one 128
 HALF_STEP = {"signed": 7 / 64 / 8 / 2, "unsigned": 7 / 128 / 8 / 2}
-
-
-def params_tree(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "w": jnp.asarray(rng.normal(size=(64, 300)) * 0.1, jnp.float32),  # quantized matrix
-        "e": jnp.asarray(rng.normal(size=(4096,)), jnp.float32),  # quantized, not a matrix
-        "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),  # kept float32
-    }
-
-
-def grads_tree(seed: int) -> dict:
-    rng = np.random.default_rng(seed + 100)
-    # magnitudes over three decades, so blocks hold small and large entries
-    return {
-        k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape), v.dtype)
-        for k, v in params_tree().items()
-    }
 
 
 def run(tx, p, s, seeds, grad_fn=None):
@@ -297,35 +280,14 @@ def test_inject_hyperparams_keeps_the_state_bits(config):
     injected = optax.inject_hyperparams(rlx_optax.mars, static_args=static)(
         learning_rate=1e-2, **base, **extra
     )
-    p0 = params_tree()
-    s1, s2 = plain.init(p0), injected.init(p0)
-    for i in range(3):
-        u1, s1 = jax.jit(plain.update)(grads_tree(i), s1, p0)
-        u2, s2 = jax.jit(injected.update)(grads_tree(i), s2, p0)
-        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
-            # a traced learning rate multiplies last; Newton-Schulz compiles apart
-            atol = 1e-4 * float(np.max(np.abs(np.asarray(b))))
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2.inner_state), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_injected_keeps_state(plain, injected, params_tree(), grads_tree)
 
 
 @pytest.mark.parametrize("config", ["adamw-q8", "adamw-bf16", "shampoo-q8", "lion-bf16"])
 def test_resume_is_bit_exact(config):
     base, extra = CONFIGS[config]
     tx = rlx_optax.mars(1e-2, **base, **extra)
-    p0 = params_tree()
-    want = run(tx, p0, tx.init(p0), range(6))
-    half = run(tx, p0, tx.init(p0), range(3))
-    fresh = params_tree(5)
-    target = {"p": fresh, "s": tx.init(fresh)}
-    blob = flax.serialization.to_bytes({"p": half[0], "s": half[1]})
-    resumed = jax.tree.map(jnp.asarray, flax.serialization.from_bytes(target, blob))
-    got = run(tx, resumed["p"], resumed["s"], range(3, 6))
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_resume_bit_exact(tx, run)
 
 
 def test_state_bytes_per_parameter_on_the_model_tree():

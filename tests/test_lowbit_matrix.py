@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,9 @@ import optax
 import pytest
 
 import rlx_optax
+from tests.problems import assert_injected_keeps_state, assert_resume_bit_exact
+from tests.problems import lowbit_grads as grads_tree
+from tests.problems import lowbit_params as params_tree
 
 BF16_SR = {"mu_dtype": jnp.bfloat16, "stochastic_rounding": True}
 CONFIGS = {
@@ -37,23 +39,6 @@ CONFIGS = {
         {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True},
     ),
 }
-
-
-def params_tree(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "w": jnp.asarray(rng.normal(size=(64, 300)) * 0.1, jnp.float32),  # quantized matrix
-        "e": jnp.asarray(rng.normal(size=(4096,)), jnp.float32),  # quantized, not a matrix
-        "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),  # kept float32
-    }
-
-
-def grads_tree(seed: int) -> dict:
-    rng = np.random.default_rng(seed + 100)
-    return {
-        k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape), v.dtype)
-        for k, v in params_tree().items()
-    }
 
 
 def make(name: str, base: dict, extra: dict, lr: float = 1e-2):
@@ -195,33 +180,11 @@ def test_inject_hyperparams_keeps_the_state_bits(config):
         injected = optax.inject_hyperparams(getattr(rlx_optax, name), static_args=static)(
             learning_rate=1e-2, **base, **extra
         )
-    p0 = params_tree()
-    s1, s2 = plain.init(p0), injected.init(p0)
-    for i in range(3):
-        u1, s1 = jax.jit(plain.update)(grads_tree(i), s1, p0)
-        u2, s2 = jax.jit(injected.update)(grads_tree(i), s2, p0)
-        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
-            # the two programs compile the matrix products apart (float32 rounding of
-            # Newton-Schulz and the rotations) and a traced learning rate multiplies last
-            atol = 1e-4 * float(np.max(np.abs(np.asarray(b))))
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2.inner_state), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_injected_keeps_state(plain, injected, params_tree(), grads_tree)
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_resume_is_bit_exact(config):
     name, base, extra = CONFIGS[config]
     tx = make(name, base, extra)
-    p0 = params_tree()
-    want = run(tx, p0, tx.init(p0), range(6))
-    half = run(tx, p0, tx.init(p0), range(3))
-    fresh = params_tree(5)
-    target = {"p": fresh, "s": tx.init(fresh)}
-    blob = flax.serialization.to_bytes({"p": half[0], "s": half[1]})
-    resumed = jax.tree.map(jnp.asarray, flax.serialization.from_bytes(target, blob))
-    got = run(tx, resumed["p"], resumed["s"], range(3, 6))
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_resume_bit_exact(tx, run)
