@@ -107,7 +107,7 @@ PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
         "bf16": {**_TWO_MOMENTS["bf16"], "prev_grad_dtype": _BF16},
         "q8": {**_TWO_MOMENTS["q8"], "prev_grad_dtype": "q8"},
     },
-    "soap": {"bf16": {**_TWO_MOMENTS["bf16"]}, "q8": None},
+    "soap": _TWO_MOMENTS,
     **{name: {"bf16": None, "q8": None} for name in ("adafactor", "stiefel")},
 }
 # Rows with a configuration of their own: Adafactor keeps a momentum only when asked.
@@ -128,7 +128,7 @@ PARTIAL = {
     "muon": "momentum",
     "mars": "mu, nu and the previous gradient",
     "kron_psgd": "momentum; the factors float32",
-    "soap": "mu and nu (bf16 only); statistics and bases float32",
+    "soap": "mu and nu; statistics and bases float32",
 }
 
 

@@ -38,6 +38,12 @@ CONFIGS = {
         {"weight_decay": 0.0},
         {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True},
     ),
+    "soap-q8": ("soap", {"weight_decay": 0.0}, {"mu_dtype": "q8", "nu_dtype": "q8"}),
+    "soap-ref-q8": (
+        "soap",
+        {"behaviour": "reference", "weight_decay": 0.0},
+        {"mu_dtype": "q8", "nu_dtype": "q8"},
+    ),
 }
 
 
@@ -134,10 +140,10 @@ def test_state_storage_and_defaults(config):
         assert x.dtype in (jnp.float32, jnp.int32, jnp.uint32), (config, x.dtype)
 
 
-def test_soap_refuses_q8_naming_the_argument():
+def test_unknown_storage_is_refused_naming_the_argument():
     for arg in ("mu_dtype", "nu_dtype"):
         with pytest.raises(ValueError, match=arg):
-            rlx_optax.soap(1e-3, **{arg: "q8"})
+            rlx_optax.soap(1e-3, **{arg: "int4"})
     with pytest.raises(ValueError, match="mu_dtype"):
         rlx_optax.muon(1e-3, mu_dtype="int4")
     with pytest.raises(ValueError, match="mu_dtype"):
@@ -169,7 +175,7 @@ def test_soap_bf16_second_moment_with_stochastic_rounding_does_not_stall():
 # --------------------------------------------------------------------------- plumbing
 
 
-@pytest.mark.parametrize("config", ["muon-q8", "kron-ref-q8", "soap-bf16"])
+@pytest.mark.parametrize("config", ["muon-q8", "kron-ref-q8", "soap-bf16", "soap-q8"])
 def test_inject_hyperparams_keeps_the_state_bits(config):
     """The state bit-equal to the plain transform's, the updates to float32 rounding."""
     name, base, extra = CONFIGS[config]

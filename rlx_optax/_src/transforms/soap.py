@@ -230,9 +230,10 @@ def scale_by_soap(
       shampoo_beta: decay :math:`\beta_s` of the statistics L, R, in [0, 1).
       eps: added to the denominator outside the square root.
       precond_freq: recompute the bases every `precond_freq` calls (and at the first).
-      mu_dtype: dtype of the first moment (default: the parameter dtype); a floating dtype
-        (``"q8"`` is refused: SOAP's rotated moments are updated inside its batched
-        matrix computation).
+      mu_dtype: storage of the first moment (default: the parameter dtype): a floating dtype,
+        or ``"q8"`` (8-bit block-wise codes, `rlx_optax.QuantizedArray`). The rotated moments
+        are updated in float32 inside the batched (or owner) computation and stored per leaf
+        afterwards.
       skip_first_step: the reference's order (``True``): the first call only accumulates the
         statistics and computes the bases, returning a zero update; afterwards the gradient is
         rotated with the bases of earlier gradients, the statistics are updated after the
@@ -263,7 +264,8 @@ def scale_by_soap(
         leaves rotated, uncorrected eps). Arguments given explicitly take precedence;
         ``refresh="qr"`` alone implies ``reproject_moments=True`` (and warns when it is set
         False).
-      nu_dtype: dtype of the second moment (default: the parameter dtype); a floating dtype.
+      nu_dtype: storage of the second moment (default: the parameter dtype): a floating
+        dtype or ``"q8"`` (the unsigned 8-bit code).
       stochastic_rounding: round the float32 moments into bfloat16 `mu_dtype` / `nu_dtype`
         stochastically (unbiased; the bits derive from the step and the leaf). Without it a
         bfloat16 second moment rounds to nearest and stalls (docs/guides/state_precision.md).
@@ -293,15 +295,10 @@ def scale_by_soap(
     common.check_beta("b1", b1)
     for name, value in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
         _lowbit.check_storage(name, value)
-        if isinstance(value, str) and value == _lowbit.Q8:
-            raise ValueError(
-                f"soap: {name}={value!r} is not supported (SOAP's rotated moments are updated "
-                "inside its batched matrix computation); use a floating dtype such as "
-                "jnp.bfloat16 with stochastic_rounding=True"
-            )
-    # bfloat16 moments rounded stochastically: the batched computation sees float32 moments,
-    # rounded per leaf afterwards (the leaf's index seeds its bits)
-    widen = stochastic_rounding and (mu_dtype is not None or nu_dtype is not None)
+    quantized = any(isinstance(v, str) and v == _lowbit.Q8 for v in (mu_dtype, nu_dtype))
+    # 8-bit moments, or bfloat16 ones rounded stochastically: the batched computation sees
+    # float32 moments, stored per leaf afterwards (the leaf's index seeds the rounding bits)
+    widen = quantized or (stochastic_rounding and (mu_dtype is not None or nu_dtype is not None))
     common.check_beta("b2", b2)
     common.check_beta("shampoo_beta", shampoo_beta)
     common.check_non_negative("eps", eps)
@@ -334,11 +331,11 @@ def scale_by_soap(
             jnp.eye(d, dtype=st) if a else None for d, a in zip(shape, active, strict=True)
         )
         zeros = tuple(None if e is None else jnp.zeros_like(e) for e in eyes)
-        if shape == p.shape:  # the moments mirror the parameter: same layout on a mesh
-            mu = jnp.zeros_like(p, dtype=mu_dtype or p.dtype)
-            return mu, jnp.zeros_like(p, dtype=nu_dtype or p.dtype), zeros, eyes
-        mu = jnp.zeros(shape, mu_dtype or p.dtype)  # merged axes: a shape of their own
-        return mu, jnp.zeros(shape, nu_dtype or p.dtype), zeros, eyes
+        # the moments mirror the parameter (same layout on a mesh), or have the working shape
+        # of merged axes
+        like = p if shape == p.shape else jnp.zeros(shape, p.dtype)
+        mu = _lowbit.init_leaf(like, mu_dtype, signed=True)
+        return mu, _lowbit.init_leaf(like, nu_dtype, signed=False), zeros, eyes
 
     def init_fn(params):
         common.reject_complex(params, "soap")
@@ -422,13 +419,19 @@ def scale_by_soap(
 
         # Same-shaped leaves run as one batched computation (`grouped_map`).
         # one tuple per leaf (an entry per axis of its working shape, `state.mu`'s rank)
-        per_leaf_stats = _per_axis.by_leaf(state.stats, state.mu)
-        per_leaf_bases = _per_axis.by_leaf(state.bases, state.mu)
+        # (an 8-bit moment is one leaf here, of its working shape)
+        working = jax.tree.map(
+            lambda x: x if common.is_empty(x) else jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            state.mu,
+            is_leaf=lambda x: common.is_empty(x) or isinstance(x, _lowbit.QuantizedArray),
+        )
+        per_leaf_stats = _per_axis.by_leaf(state.stats, working)
+        per_leaf_bases = _per_axis.by_leaf(state.bases, working)
         mu_in, nu_in = state.mu, state.nu
         if widen:
             mu_in, nu_in = (
                 common.tree_map_multi(
-                    lambda g, x: (x.astype(common.compute_dtype(x.dtype)),), 1, updates, t
+                    lambda g, x: (_lowbit.read(x, common.compute_dtype(g.dtype)),), 1, updates, t
                 )[0]
                 for t in (state.mu, state.nu)
             )
@@ -446,7 +449,7 @@ def scale_by_soap(
             index = _lowbit.leaf_indices(updates)
 
             def store(g, m, v, m_s, v_s, i):
-                sr = dict(stochastic=True, step=count, leaf=i)
+                sr = dict(stochastic=stochastic_rounding, step=count, leaf=i)
                 return (
                     _lowbit.write(m, m_s, salt=_lowbit.SALT_MU, **sr),
                     _lowbit.write(v, v_s, salt=_lowbit.SALT_NU, **sr),
@@ -590,7 +593,8 @@ def soap(
         \eta u)(1-\eta\lambda)` (reference), instead of :math:`\theta - \eta(u +
         \lambda\theta)` (crate).
       behaviour: ``"crate"`` or ``"reference"`` (see above and `scale_by_soap`).
-      nu_dtype: dtype of the second moment (a floating dtype; see `scale_by_soap`).
+      nu_dtype: storage of the second moment (a floating dtype or ``"q8"``; see
+        `scale_by_soap`).
       stochastic_rounding: round float32 moments into bfloat16 storage stochastically.
 
     Returns:
