@@ -13,8 +13,8 @@ defaults otherwise, with its moments (momentum) stored as
   replaces);
 - ``q8``: ``mu_dtype = "q8"`` (and ``nu_dtype`` where taken): 8-bit block-wise; leaves under
   4096 elements stay float32 (the digits MLP quantizes its (64, 128) layer, the transformer
-  its matrices). SOAP refuses it (its rotated moments live inside a batched matrix
-  computation): recorded as not supported, with the factory's message.
+  its matrices). A factory that refuses a storage is recorded as not supported, with its
+  message.
 
 and, for AdamW, with bfloat16 *parameters* (gradients in bfloat16, moments float32, the loss
 evaluated on the bfloat16 parameters), the parameter update applied
@@ -145,7 +145,7 @@ def run_family(problem, steps, eval_every, data, family, seeds, log=print) -> di
     for name, kw in variants(family).items():
         try:
             row.factory(lr, **base, **kw)
-        except ValueError as e:  # the factory refuses this precision (SOAP's q8)
+        except ValueError as e:  # the factory refuses this precision
             res[name] = {"supported": False, "reason": str(e)}
             log(f"  {problem.name} {family} {name}: not supported")
             continue
