@@ -39,6 +39,18 @@ CONFIGS = {
         {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True},
     ),
     "soap-q8": ("soap", {"weight_decay": 0.0}, {"mu_dtype": "q8", "nu_dtype": "q8"}),
+    # the preconditioner stored in bfloat16, computed in float32 (the reference SOAP: the
+    # crate's eigenbases of rank-deficient statistics amplify any rounding, 30% here)
+    "soap-ref-precond-bf16": (
+        "soap",
+        {"behaviour": "reference", "weight_decay": 0.0},
+        {"precond_dtype": jnp.bfloat16},
+    ),
+    "kron-ref-precond-bf16": (
+        "kron_psgd",
+        {"behaviour": "reference"},
+        {"precond_dtype": jnp.bfloat16},
+    ),
     "soap-ref-q8": (
         "soap",
         {"behaviour": "reference", "weight_decay": 0.0},
@@ -148,6 +160,10 @@ def test_unknown_storage_is_refused_naming_the_argument():
         rlx_optax.muon(1e-3, mu_dtype="int4")
     with pytest.raises(ValueError, match="mu_dtype"):
         rlx_optax.kron_psgd(1e-3, mu_dtype="int4")
+    for factory in (rlx_optax.soap, rlx_optax.kron_psgd):
+        for bad in ("q8", jnp.int8):
+            with pytest.raises(ValueError, match="precond_dtype"):
+                factory(1e-3, precond_dtype=bad)
 
 
 def test_soap_bf16_second_moment_with_stochastic_rounding_does_not_stall():

@@ -399,3 +399,28 @@ def apply_updates_stochastic(params: Any, updates: Any, step: Any) -> Any:
         return jnp.asarray(p + u).astype(p.dtype)
 
     return common.tree_map_none(one, params, updates, index)
+
+
+# --------------------------------------------------------------------------- preconditioners
+
+
+def check_precond_dtype(name: str, dtype: Any) -> Any:
+    """A floating storage dtype for preconditioner matrices (or None); 8-bit codes are refused
+    (eigenbases and triangular factors do not survive them)."""
+    if dtype is None:
+        return None
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating dtype such as jnp.bfloat16 (the preconditioner's "
+            f"storage; it is computed in float32), got {dtype!r}"
+        )
+    return resolved
+
+
+def widened(matrices: Any, dtype: Any) -> Any:
+    """A tuple of stored matrices (None kept) in the compute dtype `dtype`."""
+    return tuple(None if m is None else m.astype(dtype) for m in matrices)

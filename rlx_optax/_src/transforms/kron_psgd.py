@@ -158,6 +158,7 @@ def scale_by_kron_psgd(
     factor_update: str = "crate",
     clip_mode: str = "max_abs",
     precision: Any = None,
+    precond_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Precondition with a Kronecker product of factors learned by PSGD (no momentum, no lr).
 
@@ -217,6 +218,9 @@ def scale_by_kron_psgd(
         ``"reference"``, psgd-jax's choices: ``"tensorfloat32"`` (`Precision.HIGH`) for the
         factor step and the backend's ``DEFAULT`` pass for preconditioning the gradient, both
         given explicitly. See `docs/numerics.md`. (On CPU every choice is float32.)
+      precond_dtype: storage of the factors (default float32): a floating dtype such as
+        ``jnp.bfloat16`` halves them; they are computed in float32 and rounded to nearest
+        when stored.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -254,12 +258,15 @@ def scale_by_kron_psgd(
         kinds = _plan(shape, **plan_kw)
         return [] if kinds is None else [d for d, k in zip(shape, kinds, strict=True) if k == "tri"]
 
+    precond_dtype = _lowbit.check_precond_dtype("precond_dtype", precond_dtype)
+    stored = precond_dtype or jnp.float32
+
     def init_leaf(p):
         kinds = _plan(p.shape, **plan_kw)
         if kinds is None:
             return None
         return tuple(
-            jnp.eye(d, dtype=jnp.float32) if k == "tri" else jnp.ones((d,), jnp.float32)
+            jnp.eye(d, dtype=stored) if k == "tri" else jnp.ones((d,), stored)
             for d, k in zip(p.shape, kinds, strict=True)
         )
 
@@ -347,9 +354,14 @@ def scale_by_kron_psgd(
             )
             probe_keys.append(leaf_keys[used] if take else None)
             used += take
+
         # Same-shaped leaves run as one batched computation (`grouped_map`).
+        def stored_leaf(g, factors, probe_key):  # the factors in `precond_dtype`
+            u, new = leaf(g, _lowbit.widened(factors, jnp.float32), probe_key)
+            return u, _lowbit.widened(new, precond_dtype)
+
         u, factors = _batching.grouped_map(
-            leaf,
+            leaf if precond_dtype is None else stored_leaf,
             2,
             updates,
             per_leaf_factors,
@@ -432,6 +444,7 @@ def kron_psgd(
     precision: Any = None,
     behaviour: str = "crate",
     stochastic_rounding: bool = False,
+    precond_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Kron-PSGD as the crate's `KronPsgd`: precondition, clip, L2 decay, then momentum.
 
@@ -483,6 +496,7 @@ def kron_psgd(
       behaviour: ``"crate"`` or ``"reference"`` (see above).
       stochastic_rounding: round the float32 momentum into a bfloat16 `mu_dtype`
         stochastically (unbiased; the bits derive from the step and the leaf).
+      precond_dtype: storage of the factors (see `scale_by_kron_psgd`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -530,6 +544,7 @@ def kron_psgd(
         factor_update=opts["factor_update"],
         clip_mode=opts["clip_mode"],
         precision=precision,
+        precond_dtype=precond_dtype,
     )
     decay = common.add_decayed_weights(weight_decay, opts["mask"])
     lr = optax.scale_by_learning_rate(learning_rate)

@@ -199,6 +199,7 @@ def scale_by_soap(
     behaviour: str = "crate",
     nu_dtype: Any = None,
     stochastic_rounding: bool = False,
+    precond_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Adam run in the eigenbasis of Shampoo's statistics (SOAP), without learning rate or decay.
 
@@ -269,7 +270,10 @@ def scale_by_soap(
       stochastic_rounding: round the float32 moments into bfloat16 `mu_dtype` / `nu_dtype`
         stochastically (unbiased; the bits derive from the step and the leaf). Without it a
         bfloat16 second moment rounds to nearest and stalls (docs/guides/state_precision.md).
-        The statistics and bases stay float32.
+        The statistics and bases stay float32 unless `precond_dtype` says otherwise.
+      precond_dtype: storage of the statistics and eigenbases (default float32): a floating
+        dtype such as ``jnp.bfloat16`` halves them; they are computed in float32 and rounded
+        to nearest when stored.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -299,6 +303,7 @@ def scale_by_soap(
     # 8-bit moments, or bfloat16 ones rounded stochastically: the batched computation sees
     # float32 moments, stored per leaf afterwards (the leaf's index seeds the rounding bits)
     widen = quantized or (stochastic_rounding and (mu_dtype is not None or nu_dtype is not None))
+    precond_dtype = _lowbit.check_precond_dtype("precond_dtype", precond_dtype)
     common.check_beta("b2", b2)
     common.check_beta("shampoo_beta", shampoo_beta)
     common.check_non_negative("eps", eps)
@@ -326,7 +331,8 @@ def scale_by_soap(
 
     def init_leaf(p):
         shape, active = _plan(p.shape, **plan_kw)
-        st = common.compute_dtype(p.dtype)  # float32 for float32/bf16, float64 for float64
+        # float32 for float32/bf16, float64 for float64, unless stored otherwise
+        st = precond_dtype or common.compute_dtype(p.dtype)
         eyes = tuple(
             jnp.eye(d, dtype=st) if a else None for d, a in zip(shape, active, strict=True)
         )
@@ -435,8 +441,14 @@ def scale_by_soap(
                 )[0]
                 for t in (state.mu, state.nu)
             )
+
+        def stored_leaf(g, mw, vw, stats, bases):  # preconditioner in `precond_dtype`
+            ct = common.compute_dtype(g.dtype)
+            out = leaf(g, mw, vw, _lowbit.widened(stats, ct), _lowbit.widened(bases, ct))
+            return (*out[:3], *(_lowbit.widened(t, precond_dtype) for t in out[3:]))
+
         u, mu, nu, stats, bases = _batching.grouped_map(
-            leaf,
+            leaf if precond_dtype is None else stored_leaf,
             5,
             updates,
             mu_in,
@@ -547,6 +559,7 @@ def soap(
     behaviour: str = "crate",
     nu_dtype: Any = None,
     stochastic_rounding: bool = False,
+    precond_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP with decoupled weight decay, as the crate's `Soap`.
 
@@ -596,6 +609,7 @@ def soap(
       nu_dtype: storage of the second moment (a floating dtype or ``"q8"``; see
         `scale_by_soap`).
       stochastic_rounding: round float32 moments into bfloat16 storage stochastically.
+      precond_dtype: storage of the statistics and eigenbases (see `scale_by_soap`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -636,6 +650,7 @@ def soap(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         stochastic_rounding=stochastic_rounding,
+        precond_dtype=precond_dtype,
         skip_first_step=skip_first_step,
         reproject_moments=opts["reproject_moments"],
         refresh=opts["refresh"],
