@@ -283,15 +283,20 @@ def stochastic_round(x: jax.Array, dtype: Any = jnp.bfloat16, *, seed: Any = 0) 
 # --------------------------------------------------------------------------- storage
 
 
+def _inexact_dtype(value: Any, kind: Any = jnp.inexact) -> Any:
+    """`value` as a dtype of `kind`, or None when it is not one."""
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        return None
+    return dt if jnp.issubdtype(dt, kind) else None
+
+
 def check_storage(name: str, value: Any) -> None:
     """A state dtype argument: None, `Q8`, or a floating dtype."""
     if value is None or (isinstance(value, str) and value == Q8):
         return
-    try:
-        dt = jnp.dtype(value)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.inexact):
+    if _inexact_dtype(value) is None:
         raise ValueError(
             f"{name} must be None (the parameter dtype), a floating dtype such as "
             f"jnp.bfloat16, or {Q8!r} (8-bit block-wise quantized), got {value!r}"
@@ -409,11 +414,8 @@ def check_precond_dtype(name: str, dtype: Any) -> Any:
     (eigenbases and triangular factors do not survive them)."""
     if dtype is None:
         return None
-    try:
-        resolved = jnp.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+    resolved = _inexact_dtype(dtype, jnp.floating)
+    if resolved is None:
         raise ValueError(
             f"{name} must be a floating dtype such as jnp.bfloat16 (the preconditioner's "
             f"storage; it is computed in float32), got {dtype!r}"
