@@ -10,6 +10,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlx_optax._src.transforms import _resident
+
 
 def _mesh_axes_size(mesh: Any, entry: Any) -> int:
     if entry is None:
@@ -40,6 +42,8 @@ def state_shardings(
       there);
     * the codes and block scales of an 8-bit moment (`QuantizedArray`) count as kept for its
       parameter: the codes take the parameter's sharding, the scales the rule above;
+    * the buffers of a state made with ``state_placement="owner"`` (`OwnerPlacedState`) are
+      split along their first axis over all mesh axes: row ``d`` on device ``d``;
     * everything else (step counts, PRNG keys, hyperparameters) is replicated.
 
     Args:
@@ -91,6 +95,8 @@ def state_shardings(
         return None
 
     def sharding_of(path, leaf):
+        if isinstance(leaf, _resident.OwnedBuffers):
+            return _resident.buffer_shardings(leaf, mesh)
         # a leaf of a per-parameter container (an 8-bit moment's codes and scales) belongs to
         # the parameter its container is kept for
         found = owner(tuple(path)) or (owner(tuple(path)[:-1]) if len(path) > 1 else None)
@@ -110,5 +116,11 @@ def state_shardings(
             return NamedSharding(mesh, P(first))
         return replicated
 
-    state = jax.eval_shape(tx.init, params)
-    return jax.tree_util.tree_map_with_path(sharding_of, state)
+    # the parameters as placed (a state made with state_placement="owner" depends on the mesh)
+    placed = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, param_shardings
+    )
+    state = jax.eval_shape(tx.init, placed)
+    return jax.tree_util.tree_map_with_path(
+        sharding_of, state, is_leaf=lambda x: isinstance(x, _resident.OwnedBuffers)
+    )

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from rlx_optax._src import common
-from rlx_optax._src.transforms import _owner
+from rlx_optax._src.transforms import _owner, _resident
 
 _FORCED: list[bool] = []
 
@@ -95,6 +95,7 @@ def grouped_map(
     min_group: int = 2,
     stacked: bool = False,
     cost: Callable[[list[Any]], float] | None = None,
+    resident: Any = None,
 ) -> tuple:
     """`common.tree_map_multi` with same-shaped leaves batched under `jax.vmap`.
 
@@ -113,6 +114,13 @@ def grouped_map(
     its own, so a few stacked leaves still spread over every device. `cost(arrays)` estimates
     a leaf's work from its array arguments for the choice of owners (`_owner.leaf_cost` by
     default).
+
+    With `resident` (the `_resident.OwnedBuffers` of a state made with
+    ``state_placement="owner"``), the owned leaves' arguments and results at the directory's
+    positions are their state, held in those buffers (None in `rest` and in the results):
+    on the mesh it was made for, each owner reads and writes its own row and only the other
+    arguments and results travel; elsewhere the state is read out and written back. Returns
+    the new buffers after the `n_out` trees.
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=common.is_empty)
     others = [treedef.flatten_up_to(r) for r in rest]
@@ -129,6 +137,13 @@ def grouped_map(
         return _run_grouped(fn, calls, min_group)
 
     mesh = _owner.mesh_of([x for flat, _ in calls for x in flat if _is_array(x)])
+    if resident is not None:
+        args = [jax.tree.unflatten(struct, flat) for flat, struct in calls]
+        results, resident = _resident_map(fn, args, mesh, local, resident, n_out)
+        for i, result in zip(indices, results, strict=True):
+            for k in range(n_out):
+                outs[k][i] = result[k]
+        return (*(treedef.unflatten(o) for o in outs), resident)
     if mesh is None:
         results = local(calls)
     elif stacked:
@@ -157,6 +172,30 @@ def grouped_map(
         for k in range(n_out):
             outs[k][i] = result[k]
     return tuple(treedef.unflatten(o) for o in outs)
+
+
+def _resident_map(fn, args, mesh, local, owned, n_out):
+    """`grouped_map` with owner-resident state (see there)."""
+    if mesh is not None:
+        return _resident.run(fn, n_out, args, mesh, local, owned)
+    # no owner compute here: read the state out, compute as usual, write it back in place
+    positions = owned.directory.positions
+    values = _resident.unpack(owned)
+    full = []
+    for n, a in enumerate(args):
+        if n in values:
+            a = list(a)
+            for k, s in zip(positions, values[n], strict=True):
+                a[k] = s
+            a = tuple(a)
+        full.append(jax.tree.flatten(a))
+    results = local(full)
+    new = {n: tuple(results[n][k] for k in positions) for n in values}
+    results = [
+        tuple(None if (n in values and k in positions) else r[k] for k in range(n_out))
+        for n, r in enumerate(results)
+    ]
+    return results, _resident.pack(owned.directory, new)
 
 
 def _unstack(flat: list[Any]) -> list[list[Any]] | None:

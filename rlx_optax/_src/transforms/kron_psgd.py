@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis, _resident
 from rlx_optax._src.transforms import sgd as _sgd
 
 
@@ -159,6 +159,7 @@ def scale_by_kron_psgd(
     clip_mode: str = "max_abs",
     precision: Any = None,
     precond_dtype: Any = None,
+    state_placement: str = "parameter",
 ) -> optax.GradientTransformation:
     r"""Precondition with a Kronecker product of factors learned by PSGD (no momentum, no lr).
 
@@ -221,6 +222,12 @@ def scale_by_kron_psgd(
       precond_dtype: storage of the factors (default float32): a floating dtype such as
         ``jnp.bfloat16`` halves them; they are computed in float32 and rounded to nearest
         when stored.
+      state_placement: ``"parameter"`` (default: the factors are kept per parameter, laid
+        out by `rlx_optax.state_shardings`) or ``"owner"``: on a mesh of several devices each
+        leaf's factors stay on the device that owner compute gives the leaf
+        (`OwnerPlacedState`), so that a step moves only the gradient there and the update
+        back. The state's layout then depends on the mesh it was made on (``init`` reads it
+        from the parameters); see docs/scaling.md. On one device the two are the same.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -243,6 +250,7 @@ def scale_by_kron_psgd(
     if factor_update == "crate" and precondition_nd:
         raise ValueError("precondition_nd needs factor_update='reference' (the crate is 2-D)")
     linalg.check_precision("precision", precision)
+    _resident.check_placement("state_placement", state_placement)
     if factor_update == "crate" and probe == "gradient":
         common.warn_once("kron_psgd/static-preconditioner", common.KRON_CRATE_WARNING)
     crate = factor_update == "crate"
@@ -280,17 +288,30 @@ def scale_by_kron_psgd(
                 "max_size_triangular",
                 (8192, "diagonal"),
             )
-        return KronPsgdState(
+        leaves, treedef = jax.tree.flatten(params, is_leaf=common.is_empty)
+        present = [p for p in leaves if not common.is_empty(p)]
+        per_leaf = [init_leaf(p) for p in present]
+        owned = None
+        if state_placement == "owner":  # (g, factors, probe key): the factors at 1
+            calls = [(p, f, None) for p, f in zip(present, per_leaf, strict=True)]
+            owned = _resident.place(present, calls, (1,), _owner.preconditioned_cost)
+        factors = _resident.spread(leaves, treedef, per_leaf, _resident.owned_leaves(owned))
+        state = KronPsgdState(
             count=jnp.zeros([], jnp.int32),
             # a copy: a donated step deletes the state's buffers, and the factory's key must
             # survive it for the next `init` (a resumed run, a second model)
             key=jnp.copy(key) if probe == "random" else None,
             update_counter=jnp.zeros([], jnp.int32),
-            factors=_per_axis.by_axis(common.tree_map_none(init_leaf, params), params),
+            factors=_per_axis.by_axis(factors, params),
         )
+        return state if owned is None else _resident.OwnerPlacedState(state, owned)
 
     def update_fn(updates, state, params=None):
         del params
+        owned = None
+        if isinstance(state, _resident.OwnerPlacedState):
+            state, owned = state.inner, state.owned
+            _resident.check_mesh(owned, _owner.mesh_of(jax.tree.leaves(updates)), "kron_psgd")
         state = common.check_state(
             "kron_psgd",
             state,
@@ -347,10 +368,14 @@ def scale_by_kron_psgd(
         flat_u, treedef = jax.tree.flatten(updates, is_leaf=common.is_empty)
         per_leaf_factors = _per_axis.by_leaf(state.factors, updates)
         flat_f = treedef.flatten_up_to(per_leaf_factors)
-        probe_keys, used = [], 0
+        probe_keys, used, n = [], 0, -1
+        owned_leaves = _resident.owned_leaves(owned)  # their factors are in `owned`
         for g, f in zip(flat_u, flat_f, strict=True):
+            n += not common.is_empty(g)
             take = (
-                leaf_keys is not None and not common.is_empty(g) and any(q is not None for q in f)
+                leaf_keys is not None
+                and not common.is_empty(g)
+                and (n in owned_leaves or any(q is not None for q in f))
             )
             probe_keys.append(leaf_keys[used] if take else None)
             used += take
@@ -360,15 +385,17 @@ def scale_by_kron_psgd(
             u, new = leaf(g, _lowbit.widened(factors, jnp.float32), probe_key)
             return u, _lowbit.widened(new, precond_dtype)
 
-        u, factors = _batching.grouped_map(
+        u, factors, *placed = _batching.grouped_map(
             leaf if precond_dtype is None else stored_leaf,
             2,
             updates,
             per_leaf_factors,
             treedef.unflatten(probe_keys),
             cost=_owner.preconditioned_cost,
+            resident=owned,
         )
-        return u, KronPsgdState(count, new_key, counter, _per_axis.by_axis(factors, updates))
+        new = KronPsgdState(count, new_key, counter, _per_axis.by_axis(factors, updates))
+        return u, new if owned is None else _resident.OwnerPlacedState(new, placed[0])
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -445,6 +472,7 @@ def kron_psgd(
     behaviour: str = "crate",
     stochastic_rounding: bool = False,
     precond_dtype: Any = None,
+    state_placement: str = "parameter",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Kron-PSGD as the crate's `KronPsgd`: precondition, clip, L2 decay, then momentum.
 
@@ -497,6 +525,8 @@ def kron_psgd(
       stochastic_rounding: round the float32 momentum into a bfloat16 `mu_dtype`
         stochastically (unbiased; the bits derive from the step and the leaf).
       precond_dtype: storage of the factors (see `scale_by_kron_psgd`).
+      state_placement: ``"parameter"`` or ``"owner"`` (on a mesh, each leaf's factors stay
+        on the device that computes it; see `scale_by_kron_psgd`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -545,6 +575,7 @@ def kron_psgd(
         clip_mode=opts["clip_mode"],
         precision=precision,
         precond_dtype=precond_dtype,
+        state_placement=state_placement,
     )
     decay = common.add_decayed_weights(weight_decay, opts["mask"])
     lr = optax.scale_by_learning_rate(learning_rate)

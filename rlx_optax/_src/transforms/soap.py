@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlx_optax._src import common, linalg
-from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis
+from rlx_optax._src.transforms import _batching, _lowbit, _owner, _per_axis, _resident
 
 #: The switches each `behaviour` sets (explicit arguments take precedence). The reference is
 #: the authors' soap.py as pytorch-optimizer's `SOAP` implements it.
@@ -70,6 +70,10 @@ class SoapState(NamedTuple):
     nu: optax.Updates  # second moment, rotated, in the working shape
     stats: Any  # EMA of the per-axis Gram matrices (L = E[G G^T], R = E[G^T G] for a matrix)
     bases: Any  # eigenbases of `stats` (Q_L, Q_R for a matrix)
+
+
+#: The state arguments of SOAP's per-leaf function ``(g, mu, nu, stats, bases)``.
+_RESIDENT = (1, 2, 3, 4)
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -200,6 +204,7 @@ def scale_by_soap(
     nu_dtype: Any = None,
     stochastic_rounding: bool = False,
     precond_dtype: Any = None,
+    state_placement: str = "parameter",
 ) -> optax.GradientTransformation:
     r"""Adam run in the eigenbasis of Shampoo's statistics (SOAP), without learning rate or decay.
 
@@ -274,6 +279,13 @@ def scale_by_soap(
       precond_dtype: storage of the statistics and eigenbases (default float32): a floating
         dtype such as ``jnp.bfloat16`` halves them; they are computed in float32 and rounded
         to nearest when stored.
+      state_placement: ``"parameter"`` (default: every state array is kept per parameter,
+        laid out by `rlx_optax.state_shardings`) or ``"owner"``: on a mesh of several devices
+        the statistics, bases and moments of each leaf that owner compute sends to one device
+        stay on that device (`OwnerPlacedState`), so that a step moves only the gradient there
+        and the update back. The state's layout then depends on the mesh it was made on
+        (``init`` reads it from the parameters); see docs/scaling.md. On one device the two
+        are the same.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -304,6 +316,7 @@ def scale_by_soap(
     # float32 moments, stored per leaf afterwards (the leaf's index seeds the rounding bits)
     widen = quantized or (stochastic_rounding and (mu_dtype is not None or nu_dtype is not None))
     precond_dtype = _lowbit.check_precond_dtype("precond_dtype", precond_dtype)
+    _resident.check_placement("state_placement", state_placement)
     common.check_beta("b2", b2)
     common.check_beta("shampoo_beta", shampoo_beta)
     common.check_non_negative("eps", eps)
@@ -349,26 +362,39 @@ def scale_by_soap(
             common.refuse_huge_factors(
                 params, "soap", _rotated_dims, "max_precond_dim", (10000, "not rotated")
             )
+        leaves, treedef = jax.tree.flatten(params, is_leaf=common.is_empty)
+        present = [p for p in leaves if not common.is_empty(p)]
+        per_leaf = [init_leaf(p) for p in present]
+        owned = None
+        if state_placement == "owner":  # (g, mu, nu, stats, bases): the state at 1..4
+            calls = [(p, *s) for p, s in zip(present, per_leaf, strict=True)]
+            owned = _resident.place(present, calls, _RESIDENT, _owner.preconditioned_cost)
+        skip = _resident.owned_leaves(owned)
         mu, nu, stats, bases = (
-            common.tree_map_none(lambda p, k=k: init_leaf(p)[k], params) for k in range(4)
+            _resident.spread(leaves, treedef, [s[k] for s in per_leaf], skip) for k in range(4)
         )
-        return SoapState(
+        state = SoapState(
             jnp.zeros([], jnp.int32),
             mu,
             nu,
             _per_axis.by_axis(stats, params),
             _per_axis.by_axis(bases, params),
         )
+        return state if owned is None else _resident.OwnerPlacedState(state, owned)
 
     def update_fn(updates, state, params=None):
         del params
+        owned = None
+        if isinstance(state, _resident.OwnerPlacedState):
+            state, owned = state.inner, state.owned
+            _resident.check_mesh(owned, _owner.mesh_of(jax.tree.leaves(updates)), "soap")
         state = common.check_state(
             "soap",
             state,
             SoapState,
             updates,
             ("mu", "nu"),
-            leaf_check=common.working_shape_disagrees,
+            leaf_check=_resident.unless_owned(common.working_shape_disagrees),
         )
         first = state.count == 0
         count = optax.safe_increment(state.count)
@@ -434,7 +460,7 @@ def scale_by_soap(
         per_leaf_stats = _per_axis.by_leaf(state.stats, working)
         per_leaf_bases = _per_axis.by_leaf(state.bases, working)
         mu_in, nu_in = state.mu, state.nu
-        if widen:
+        if widen and owned is None:
             mu_in, nu_in = (
                 common.tree_map_multi(
                     lambda g, x: (_lowbit.read(x, common.compute_dtype(g.dtype)),), 1, updates, t
@@ -446,6 +472,42 @@ def scale_by_soap(
             ct = common.compute_dtype(g.dtype)
             out = leaf(g, mw, vw, _lowbit.widened(stats, ct), _lowbit.widened(bases, ct))
             return (*out[:3], *(_lowbit.widened(t, precond_dtype) for t in out[3:]))
+
+        if owned is not None:
+            # the moments are read and stored inside the owner's computation (they live there)
+            index = jax.tree.map(lambda i: jnp.asarray(i, jnp.int32), _lowbit.leaf_indices(updates))
+            inner_leaf = leaf if precond_dtype is None else stored_leaf
+
+            def resident_leaf(g, ms, vs, stats, bases, i):
+                ct = common.compute_dtype(g.dtype)
+                mw, vw = (_lowbit.read(ms, ct), _lowbit.read(vs, ct)) if widen else (ms, vs)
+                u, m, v, stats, bases = inner_leaf(g, mw, vw, stats, bases)
+                if widen:
+                    sr = dict(stochastic=stochastic_rounding, step=count, leaf=i)
+                    m = _lowbit.write(m, ms, salt=_lowbit.SALT_MU, **sr)
+                    v = _lowbit.write(v, vs, salt=_lowbit.SALT_NU, **sr)
+                return u, m, v, stats, bases
+
+            u, mu, nu, stats, bases, owned = _batching.grouped_map(
+                resident_leaf,
+                5,
+                updates,
+                state.mu,
+                state.nu,
+                per_leaf_stats,
+                per_leaf_bases,
+                index,
+                cost=_owner.preconditioned_cost,
+                resident=owned,
+            )
+            new = SoapState(
+                count=count,
+                mu=mu,
+                nu=nu,
+                stats=_per_axis.by_axis(stats, updates),
+                bases=_per_axis.by_axis(bases, updates),
+            )
+            return u, _resident.OwnerPlacedState(new, owned)
 
         u, mu, nu, stats, bases = _batching.grouped_map(
             leaf if precond_dtype is None else stored_leaf,
@@ -560,6 +622,7 @@ def soap(
     nu_dtype: Any = None,
     stochastic_rounding: bool = False,
     precond_dtype: Any = None,
+    state_placement: str = "parameter",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP with decoupled weight decay, as the crate's `Soap`.
 
@@ -610,6 +673,8 @@ def soap(
         `scale_by_soap`).
       stochastic_rounding: round float32 moments into bfloat16 storage stochastically.
       precond_dtype: storage of the statistics and eigenbases (see `scale_by_soap`).
+      state_placement: ``"parameter"`` or ``"owner"`` (on a mesh, each matrix's state stays
+        on the device that computes it; see `scale_by_soap`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -651,6 +716,7 @@ def soap(
         nu_dtype=nu_dtype,
         stochastic_rounding=stochastic_rounding,
         precond_dtype=precond_dtype,
+        state_placement=state_placement,
         skip_first_step=skip_first_step,
         reproject_moments=opts["reproject_moments"],
         refresh=opts["refresh"],
