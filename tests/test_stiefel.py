@@ -141,3 +141,70 @@ def test_needs_params():
     w = jnp.eye(2, 3)
     with pytest.raises(ValueError, match="params"):
         tx.update(w, tx.init(w))
+
+
+def _building_blocks(learning_rate, momentum, mu_dtype):
+    return optax.chain(
+        rlx_optax.scale_by_stiefel(momentum, mu_dtype),
+        optax.scale_by_learning_rate(learning_rate),
+        rlx_optax.retract_stiefel(),
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype,momentum,mu_dtype,schedule",
+    [
+        (jnp.float32, 0.0, None, False),
+        (jnp.float32, 0.9, None, True),
+        (jnp.bfloat16, 0.9, jnp.bfloat16, False),
+        (jnp.bfloat16, 0.0, None, True),
+    ],
+)
+def test_alias_is_its_building_blocks_bit_for_bit(dtype, momentum, mu_dtype, schedule):
+    # the alias runs the chain's per-leaf operations as one step (one owner trip on a mesh)
+    lr = optax.linear_schedule(0.1, 0.01, 3) if schedule else 0.05
+    rng = np.random.default_rng(3)
+    params = {
+        "u": jnp.asarray(mgs_rows(rng.normal(size=(6, 10))), dtype),
+        "w": jnp.asarray(rng.normal(size=(10, 6)), dtype),
+        "b": jnp.asarray(rng.normal(size=(5,)), dtype),
+        "frozen": None,
+    }
+    seq = [
+        {k: None if x is None else jnp.asarray(rng.normal(size=x.shape), dtype)
+         for k, x in params.items()}
+        for _ in range(4)
+    ]  # fmt: skip
+    runs = []
+    for tx in [
+        rlx_optax.stiefel(lr, momentum, mu_dtype=mu_dtype),
+        _building_blocks(lr, momentum, mu_dtype),
+    ]:
+        p, state, step, out = params, tx.init(params), jax.jit(tx.update), []
+        for g in seq:
+            u, state = step(g, state, p)
+            p = optax.apply_updates(p, u)
+            out.append((u, state))
+        runs.append(out)
+    got, want = runs
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_injected_momentum_matches_the_number():
+    params = {"u": jnp.asarray(mgs_rows(np.eye(3, 5) + 0.1), jnp.float32), "b": jnp.ones(3)}
+    grads = {"u": jnp.full((3, 5), 0.3), "b": jnp.full(3, -0.2)}
+    runs = []
+    for tx in [
+        optax.inject_hyperparams(rlx_optax.stiefel)(learning_rate=0.1, momentum=0.9),
+        rlx_optax.stiefel(0.1, momentum=0.9),
+    ]:
+        p, state, step = params, tx.init(params), jax.jit(tx.update)
+        for _ in range(3):
+            u, state = step(grads, state, p)
+            p = optax.apply_updates(p, u)
+        runs.append(p)
+    for k in params:
+        np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-6, atol=1e-7)

@@ -1,4 +1,12 @@
-"""Riemannian SGD on the Stiefel manifold of row-orthonormal matrices (the crate's `Stiefel`)."""
+"""Riemannian SGD on the Stiefel manifold of row-orthonormal matrices (the crate's `Stiefel`).
+
+The per-leaf math lives in three module-level functions (`_tangent`, `_accumulate`,
+`_retracted`) that both the building blocks (`scale_by_stiefel`, `retract_stiefel`) and the
+alias `stiefel` call. The alias runs them as one per-leaf step: on a mesh every Stiefel matrix
+then makes one trip to its owner device and back (the gradient, the parameter and the momentum
+there; the update and the new momentum back), where the two building blocks chained by hand
+make two (the projection, then the retraction of :math:`W + U`).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,32 @@ def is_stiefel_leaf(shape: tuple[int, ...]) -> bool:
 def _stiefel_leaves(tree: Any) -> Any:
     """`tree` with None in place of every leaf that is not a Stiefel matrix."""
     return common.tree_map_none(lambda x: x if is_stiefel_leaf(x.shape) else None, tree)
+
+
+_EPS = 1e-12  # floor of the row norms in the retraction
+
+
+def _tangent(g: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+    r""":math:`G_r = G - \mathrm{sym}(WG^\top)W` in the compute dtype (whole matrices)."""
+    ct = common.compute_dtype(g.dtype)
+    return stiefel_tangent_projection(w.astype(ct), g.astype(ct), precision=precision)
+
+
+def _accumulate(d: jax.Array, v: jax.Array, momentum: float) -> jax.Array:
+    r""":math:`v_t = \mu v_{t-1} + d` in the dtype of the direction `d`."""
+    return jnp.asarray(momentum, d.dtype) * v.astype(d.dtype) + d
+
+
+def _moved(u: jax.Array, w: jax.Array) -> jax.Array:
+    """:math:`W + U` in the compute dtype."""
+    ct = common.compute_dtype(w.dtype)
+    return w.astype(ct) + u.astype(ct)
+
+
+def _retracted(u: jax.Array, w: jax.Array, eps: float, precision: Any) -> jax.Array:
+    r""":math:`\mathrm{GS}(W + U) - W` in the dtype of `u` (whole matrices)."""
+    r = gram_schmidt_rows(_moved(u, w), eps=eps, precision=precision)
+    return (r - w.astype(r.dtype)).astype(u.dtype)
 
 
 def scale_by_stiefel(
@@ -67,8 +101,7 @@ def scale_by_stiefel(
         count = optax.safe_increment(state.count)
 
         def project(g, w):
-            ct = common.compute_dtype(g.dtype)
-            return (stiefel_tangent_projection(w.astype(ct), g.astype(ct), precision=precision),)
+            return (_tangent(g, w, precision),)
 
         # the projections need whole matrices: one per group of same-shaped leaves on one
         # device, each on its owner device on a mesh (`grouped_map`)
@@ -84,8 +117,7 @@ def scale_by_stiefel(
             return u, StiefelState(count=count, mu=None)
 
         def leaf(g, p, v):
-            d = direction(g, p)
-            v = jnp.asarray(momentum, d.dtype) * v.astype(d.dtype) + d
+            v = _accumulate(direction(g, p), v, momentum)
             return v.astype(g.dtype), v
 
         u, mu = common.tree_map_multi(leaf, 2, updates, projected, state.mu)
@@ -94,7 +126,7 @@ def scale_by_stiefel(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def retract_stiefel(eps: float = 1e-12, *, precision: Any = None) -> optax.GradientTransformation:
+def retract_stiefel(eps: float = _EPS, *, precision: Any = None) -> optax.GradientTransformation:
     r"""Turn an additive step into a retracted one on Stiefel leaves.
 
     For a Stiefel leaf, an incoming update :math:`\Delta` becomes
@@ -119,17 +151,13 @@ def retract_stiefel(eps: float = 1e-12, *, precision: Any = None) -> optax.Gradi
         if params is None:
             raise ValueError("retract_stiefel needs params: call update(grads, state, params)")
 
-        def moved(u, w):  # W + U, in the compute dtype
-            ct = common.compute_dtype(w.dtype)
-            return w.astype(ct) + u.astype(ct)
-
         def retract(x):
             return (gram_schmidt_rows(x, eps=eps, precision=precision),)
 
         # Gram-Schmidt needs whole matrices: only W + U goes to an owner device on a mesh
         # (`grouped_map`), the difference with W is taken in the parameter's own layout
         targets = common.tree_map_none(
-            lambda u, w: moved(u, w) if is_stiefel_leaf(u.shape) else None, updates, params
+            lambda u, w: _moved(u, w) if is_stiefel_leaf(u.shape) else None, updates, params
         )
         (retracted,) = _batching.grouped_map(retract, 1, targets)
 
@@ -198,9 +226,82 @@ def stiefel(
       the Cayley Transform*, https://arxiv.org/abs/2002.01113
     """
     common.check_learning_rate(learning_rate)
-    return common.chain(
+    scale = optax.scale_by_learning_rate(learning_rate)
+    chained = common.chain(
         "stiefel",
         scale_by_stiefel(momentum, mu_dtype, precision=precision),
-        optax.scale_by_learning_rate(learning_rate),
+        scale,
         retract_stiefel(precision=precision),
     )
+
+    # the chain's state and numbers, computed as one per-leaf step (`_step`) so that on a mesh
+    # every Stiefel matrix makes one trip to its owner device instead of two
+    def update_fn(updates, state, params=None, **extra):
+        if not isinstance(state, (tuple, list)) or len(state) != 3 or params is None:
+            return chained.update(updates, state, params, **extra)  # the chain's error
+        direction_state, scale_state, retract_state = state
+        direction_state = common.check_state(
+            "stiefel", direction_state, StiefelState, updates, ("mu",), params=params
+        )
+        # the step size as `scale_by_learning_rate` applies it: its update of a one in each
+        # leaf's dtype (and its next state)
+        ones = jax.tree.map(lambda g: jnp.ones((), g.dtype), updates)
+        steps, scale_state = scale.update(ones, scale_state)
+        u, mu = _step(updates, direction_state.mu, params, steps, momentum, precision)
+        direction_state = StiefelState(
+            count=optax.safe_increment(direction_state.count),
+            mu=None if mu is None else optax.tree.cast_like(mu, direction_state.mu),
+        )
+        return u, type(state)((direction_state, scale_state, retract_state))
+
+    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
+
+
+def _step(
+    updates: Any, mu: Any, params: Any, steps: Any, momentum: Any, precision: Any
+) -> tuple[Any, Any]:
+    r"""`stiefel`'s update and new momentum (None without one) on every leaf.
+
+    A Stiefel leaf runs :math:`G_r`, :math:`v_t`, :math:`\eta`-scaling and the retraction as
+    one per-leaf function, with the same operations in the same order as the chain
+    `scale_by_stiefel` -> `scale_by_learning_rate` -> `retract_stiefel`. On a mesh it runs on
+    the leaf's owner device (`grouped_map`): :math:`G`, :math:`W` and :math:`v_{t-1}` go there,
+    :math:`U` and :math:`v_t` come back, one exchange each way for all leaves. `steps` holds
+    :math:`-\eta` per leaf in the update's dtype; every other leaf takes SGD (with momentum).
+    """
+    # the momentum as each leaf's arithmetic uses it: an argument, not a closed-over value
+    # (it may be traced, e.g. under `optax.inject_hyperparams`)
+    mus = jax.tree.map(lambda g: jnp.asarray(momentum, common.compute_dtype(g.dtype)), updates)
+    use_trace = mu is not None
+
+    def matrix(g, *args):
+        v, w, step, m = args if use_trace else (None, *args)
+        d = _tangent(g, w, precision)
+        if use_trace:
+            d = _accumulate(d, v, m)
+        u = _retracted(step * d.astype(g.dtype), w, _EPS, precision)
+        return (u, d.astype(v.dtype)) if use_trace else (u,)
+
+    def other(g, v, step, m):
+        d = g.astype(common.compute_dtype(g.dtype))
+        if v is not None:
+            d = _accumulate(d, v, m)
+        return step * d.astype(g.dtype), (None if v is None else d)
+
+    if use_trace:
+        u_matrix, mu_matrix = _batching.grouped_map(
+            matrix, 2, _stiefel_leaves(updates), mu, params, steps, mus
+        )
+
+        def leaf(g, um, vm, v, step, m):
+            return (um, vm) if um is not None else other(g, v, step, m)
+
+        return common.tree_map_multi(leaf, 2, updates, u_matrix, mu_matrix, mu, steps, mus)
+
+    (u_matrix,) = _batching.grouped_map(matrix, 1, _stiefel_leaves(updates), params, steps, mus)
+
+    def leaf_plain(g, um, step, m):
+        return ((um if um is not None else other(g, None, step, m)[0]),)
+
+    (u,) = common.tree_map_multi(leaf_plain, 1, updates, u_matrix, steps, mus)
+    return u, None
