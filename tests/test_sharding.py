@@ -68,6 +68,18 @@ def test_matrix_family_options_on_explicit_mesh(report, variant):
     assert result["state_leaves_checked"] == result["state_leaves_checked_init"]
 
 
+def test_stiefel_momentum_kept_on_owner_devices(report):
+    """stiefel(state_placement="owner") on an Auto mesh: each split Stiefel matrix's momentum
+    lies in its owner's row of the buffers; the parameters are those of the momentum kept per
+    parameter."""
+    result = report["stiefel_owner_state"]
+    assert result["placed"] == "OwnerPlacedState"
+    assert result["owned_leaves"] == 3  # w_rows, w_both, w_wide (rows <= columns, split)
+    assert result["buffers"] == ["P(('data', 'model'), None)"]
+    for name, err in result["errors"].items():
+        assert err <= result["tolerance"], (name, err)
+
+
 def test_every_layout_was_run(report):
     layouts = report["layouts"]
     specs = {name: spec for name, (shape, spec) in layouts.items()}

@@ -208,3 +208,20 @@ def test_injected_momentum_matches_the_number():
         runs.append(p)
     for k in params:
         np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-6, atol=1e-7)
+
+
+def test_owner_state_placement_is_the_parameter_one_on_one_device():
+    # on a mesh the momentum stays on its owner devices (tests/sharding_worker.py)
+    with pytest.raises(ValueError, match="state_placement"):
+        rlx_optax.stiefel(0.1, state_placement="device")
+    params = {"u": jnp.asarray(mgs_rows(np.eye(3, 5) + 0.1), jnp.float32), "b": jnp.ones(3)}
+    grads = {"u": jnp.full((3, 5), 0.3), "b": jnp.full(3, -0.2)}
+    runs = []
+    for placement in ["owner", "parameter"]:
+        tx = rlx_optax.stiefel(0.1, momentum=0.9, state_placement=placement)
+        state = tx.init(params)
+        assert isinstance(state[0], rlx_optax.StiefelState)
+        u, state = jax.jit(tx.update)(grads, state, params)
+        runs.append((u, state))
+    for a, b in zip(*(jax.tree.leaves(r) for r in runs), strict=True):
+        np.testing.assert_array_equal(a, b)

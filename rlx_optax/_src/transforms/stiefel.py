@@ -18,7 +18,7 @@ import optax
 
 from rlx_optax._src import common, linalg
 from rlx_optax._src.linalg import gram_schmidt_rows, stiefel_tangent_projection
-from rlx_optax._src.transforms import _batching
+from rlx_optax._src.transforms import _batching, _owner, _resident
 
 
 class StiefelState(NamedTuple):
@@ -178,6 +178,7 @@ def stiefel(
     *,
     mu_dtype: Any = None,
     precision: Any = None,
+    state_placement: str = "parameter",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Riemannian SGD with a Gram-Schmidt retraction, as the crate's `Stiefel`.
 
@@ -201,6 +202,13 @@ def stiefel(
       precision: precision of every matrix product (projection and retraction). Default
         ``HIGHEST`` for float32, the crate's float32 arithmetic on every backend (the backend
         default would be TF32 on NVIDIA GPUs); see `docs/numerics.md`.
+      state_placement: ``"parameter"`` (default: the momentum is kept per parameter, laid out
+        by `rlx_optax.state_shardings`) or ``"owner"``: on a mesh of several devices the
+        momentum of each Stiefel matrix stays on the device that owner compute gives the
+        matrix (`OwnerPlacedState` in place of the `StiefelState`), so that a step moves only
+        the gradient and the parameter there and the update back (three matrices instead of
+        five). The state's layout then depends on the mesh it was made on (``init`` reads it
+        from the parameters). On one device, or without momentum, the two are the same.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; `update` needs `params`.
@@ -226,6 +234,7 @@ def stiefel(
       the Cayley Transform*, https://arxiv.org/abs/2002.01113
     """
     common.check_learning_rate(learning_rate)
+    _resident.check_placement("state_placement", state_placement)
     scale = optax.scale_by_learning_rate(learning_rate)
     chained = common.chain(
         "stiefel",
@@ -234,12 +243,25 @@ def stiefel(
         retract_stiefel(precision=precision),
     )
 
+    def init_fn(params):
+        state = chained.init(params)
+        if state_placement == "parameter" or state[0].mu is None:
+            return state
+        direction_state = _place_momentum(state[0], params)
+        return type(state)((direction_state, *state[1:]))
+
     # the chain's state and numbers, computed as one per-leaf step (`_step`) so that on a mesh
     # every Stiefel matrix makes one trip to its owner device instead of two
     def update_fn(updates, state, params=None, **extra):
-        if not isinstance(state, (tuple, list)) or len(state) != 3 or params is None:
+        if not isinstance(state, (tuple, list)) or len(state) != 3:
             return chained.update(updates, state, params, **extra)  # the chain's error
+        if params is None:
+            raise ValueError("stiefel needs params: call update(grads, state, params)")
         direction_state, scale_state, retract_state = state
+        owned = None
+        if isinstance(direction_state, _resident.OwnerPlacedState):
+            direction_state, owned = direction_state.inner, direction_state.owned
+            _resident.check_mesh(owned, _owner.mesh_of(jax.tree.leaves(updates)), "stiefel")
         direction_state = common.check_state(
             "stiefel", direction_state, StiefelState, updates, ("mu",), params=params
         )
@@ -247,20 +269,59 @@ def stiefel(
         # leaf's dtype (and its next state)
         ones = jax.tree.map(lambda g: jnp.ones((), g.dtype), updates)
         steps, scale_state = scale.update(ones, scale_state)
-        u, mu = _step(updates, direction_state.mu, params, steps, momentum, precision)
+        u, mu, owned = _step(updates, direction_state.mu, params, steps, momentum, precision, owned)
         direction_state = StiefelState(
             count=optax.safe_increment(direction_state.count),
             mu=None if mu is None else optax.tree.cast_like(mu, direction_state.mu),
         )
+        if owned is not None:
+            direction_state = _resident.OwnerPlacedState(direction_state, owned)
         return u, type(state)((direction_state, scale_state, retract_state))
 
-    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _place_momentum(state: StiefelState, params: Any) -> Any:
+    """`state` with the Stiefel matrices' momentum on their owner devices (`_resident`), or
+    as it is off a mesh of several devices."""
+    stiefel_params = jax.tree.leaves(_stiefel_leaves(params))
+    stiefel_mu = [
+        v
+        for p, v in zip(
+            jax.tree.leaves(params, is_leaf=common.is_empty),
+            jax.tree.leaves(state.mu, is_leaf=common.is_empty),
+            strict=True,
+        )
+        if not common.is_empty(p) and is_stiefel_leaf(p.shape)
+    ]
+    # the arguments of `_step`'s per-matrix function, (g, v, w): the momentum at 1
+    calls = [(p, v, p) for p, v in zip(stiefel_params, stiefel_mu, strict=True)]
+    owned = _resident.place(stiefel_params, calls, (1,))
+    if owned is None:
+        return state
+    owned_set = _resident.owned_leaves(owned)
+    count = iter(range(len(stiefel_params)))
+
+    def keep(p, v):
+        if not is_stiefel_leaf(p.shape):
+            return v
+        return None if next(count) in owned_set else v
+
+    mu = common.tree_map_none(keep, params, state.mu)
+    return _resident.OwnerPlacedState(state._replace(mu=mu), owned)
 
 
 def _step(
-    updates: Any, mu: Any, params: Any, steps: Any, momentum: Any, precision: Any
-) -> tuple[Any, Any]:
-    r"""`stiefel`'s update and new momentum (None without one) on every leaf.
+    updates: Any,
+    mu: Any,
+    params: Any,
+    steps: Any,
+    momentum: Any,
+    precision: Any,
+    owned: Any = None,
+) -> tuple[Any, Any, Any]:
+    r"""`stiefel`'s update, new momentum (None without one) and new owner-resident momentum
+    (`owned`, the `_resident.OwnedBuffers` of ``state_placement="owner"``, or None).
 
     A Stiefel leaf runs :math:`G_r`, :math:`v_t`, :math:`\eta`-scaling and the retraction as
     one per-leaf function, with the same operations in the same order as the chain
@@ -268,6 +329,8 @@ def _step(
     the leaf's owner device (`grouped_map`): :math:`G`, :math:`W` and :math:`v_{t-1}` go there,
     :math:`U` and :math:`v_t` come back, one exchange each way for all leaves. `steps` holds
     :math:`-\eta` per leaf in the update's dtype; every other leaf takes SGD (with momentum).
+    With `owned`, the momentum of the matrices it holds stays on their owners (None in `mu`
+    and in the new momentum there) and only :math:`G`, :math:`W` and :math:`U` travel.
     """
     # the momentum as each leaf's arithmetic uses it: an argument, not a closed-over value
     # (it may be traced, e.g. under `optax.inject_hyperparams`)
@@ -289,14 +352,15 @@ def _step(
         return step * d.astype(g.dtype), (None if v is None else d)
 
     if use_trace:
-        u_matrix, mu_matrix = _batching.grouped_map(
-            matrix, 2, _stiefel_leaves(updates), mu, params, steps, mus
+        u_matrix, mu_matrix, *placed = _batching.grouped_map(
+            matrix, 2, _stiefel_leaves(updates), mu, params, steps, mus, resident=owned
         )
 
         def leaf(g, um, vm, v, step, m):
             return (um, vm) if um is not None else other(g, v, step, m)
 
-        return common.tree_map_multi(leaf, 2, updates, u_matrix, mu_matrix, mu, steps, mus)
+        u, new_mu = common.tree_map_multi(leaf, 2, updates, u_matrix, mu_matrix, mu, steps, mus)
+        return u, new_mu, (placed[0] if placed else None)
 
     (u_matrix,) = _batching.grouped_map(matrix, 1, _stiefel_leaves(updates), params, steps, mus)
 
@@ -304,4 +368,4 @@ def _step(
         return ((um if um is not None else other(g, None, step, m)[0]),)
 
     (u,) = common.tree_map_multi(leaf_plain, 1, updates, u_matrix, steps, mus)
-    return u, None
+    return u, None, None
