@@ -87,13 +87,17 @@ def gradients(params: dict, step: int) -> dict:
 
 
 def make_mesh(name: str) -> jax.sharding.Mesh:
-    """'8', '4x2', '2' (the first devices); Auto axes."""
-    dims = tuple(int(d) for d in name.split("x"))
+    """'8', '4x2', '2' (the first devices): Auto axes; '8e', '4x2e': Explicit axes; '4x2m':
+    `fsdp` Explicit and `tp` Auto."""
+    kind = name[-1] if name[-1] in "em" else ""
+    dims = tuple(int(d) for d in name.removesuffix(kind).split("x"))
     axes = ("fsdp", "tp")[: len(dims)]
-    kind = AxisType.Auto
-    n = int(np.prod(dims))
-    devices = np.asarray(jax.devices()[:n]).reshape(dims)
-    return jax.sharding.Mesh(devices, axes, axis_types=(kind,) * len(dims))
+    types = {
+        "": (AxisType.Auto,) * len(dims),
+        "e": (AxisType.Explicit,) * len(dims),
+        "m": (AxisType.Explicit, AxisType.Auto)[: len(dims)],
+    }[kind]
+    return jax.make_mesh(dims, axes, axis_types=types, devices=jax.devices()[: int(np.prod(dims))])
 
 
 def spec_of(p: jax.Array, mesh: jax.sharding.Mesh) -> P:
@@ -158,6 +162,13 @@ def state_share(state) -> float:
 
 
 SHARES: dict[str, float] = {}
+KEPT: dict[str, bool] = {}
+
+
+def kept(values, shardings) -> bool:
+    """Whether every array of `values` has the sharding given for it in `shardings`."""
+    pairs = zip(jax.tree.leaves(values), jax.tree.leaves(shardings), strict=True)
+    return all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in pairs)
 
 
 def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
@@ -169,9 +180,8 @@ def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, o
     else:
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, spec_of(p, mesh)), params)
         place = lambda t: jax.device_put(t, shardings)  # noqa: E731
-        state = jax.jit(tx.init, out_shardings=rlx_optax.state_shardings(tx, params, shardings))(
-            place(params)
-        )
+        state_shardings = rlx_optax.state_shardings(tx, params, shardings)
+        state = jax.jit(tx.init, out_shardings=state_shardings)(place(params))
         SHARES[name] = state_share(state)
     step = jax.jit(tx.update)
     p = place(params)
@@ -180,6 +190,8 @@ def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, o
     for g in grads:
         u, state = step(place(g), state, p)
         updates.append(u)
+    if mesh is not None:  # every update in its parameter's layout, every state leaf in its own
+        KEPT[name] = kept(updates[-1], shardings) and kept(state, state_shardings)
     return updates, state, hlo
 
 
@@ -193,6 +205,42 @@ def loop_probe() -> list[int]:
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("fsdp"), out_specs=P("fsdp")))
     x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp")))
     return list(collectives(f.lower(x).compile().as_text()))
+
+
+def closure_probe() -> dict:
+    """One matrix through `grouped_map` on the Explicit mesh of 8 devices, its per-leaf function
+    given a traced scalar typed on the mesh as an argument, or closing over it: the error
+    against NumPy, the all-to-alls of each program, and whether the result has the matrix's
+    sharding."""
+    from rlx_optax._src.transforms import _batching
+
+    mesh = make_mesh("8e")
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    expected = w * 6.0 / np.sqrt(np.sum(w * w))
+    x = jax.device_put(jnp.asarray(w), NamedSharding(mesh, P("fsdp", None)))
+    s = jax.device_put(jnp.float32(3.0), NamedSharding(mesh, P()))
+
+    def passed(x, s):
+        scale = 2 * s
+        fn = lambda a, c: (a * c / jnp.sqrt(jnp.sum(a * a)),)  # noqa: E731
+        return _batching.grouped_map(fn, 1, {"w": x}, {"w": scale})[0]["w"]
+
+    def closing(x, s):
+        scale = 2 * s
+        fn = lambda a: (a * scale / jnp.sqrt(jnp.sum(a * a)),)  # noqa: E731
+        return _batching.grouped_map(fn, 1, {"w": x})[0]["w"]
+
+    out = {}
+    for name, f in (("passed", passed), ("closing", closing)):
+        step = jax.jit(f)
+        y = step(x, s)
+        out[name] = {
+            "error": float(np.max(np.abs(np.asarray(y) - expected)) / np.max(np.abs(expected))),
+            "all_to_all": collectives(step.lower(x, s).compile().as_text())[2],
+            "sharding_kept": y.sharding.is_equivalent_to(x.sharding, 2),
+        }
+    return out
 
 
 def check_layouts() -> dict[str, bool]:
@@ -244,6 +292,8 @@ def main() -> None:
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     params = gpt_tree(args.width, args.layers, args.vocab)
     report: dict = {"layouts": check_layouts(), "loop_probe": loop_probe()}
+    if any(m.endswith("e") for m in args.meshes.split(",")):
+        report["closure_probe"] = closure_probe()
     for name in args.families.split(","):
         tree = params
         if name == "muon_scanned":  # the layers as one stacked leaf, as a scanned model has
@@ -281,6 +331,7 @@ def main() -> None:
                     "in_loops": in_loops,
                     "all_to_all": all_to_all,
                     "state_share": SHARES.pop(name),
+                    "layouts_kept": KEPT.pop(name),
                 }
             except Exception as exc:  # reported, the other runs go on
                 report[key] = {

@@ -3,8 +3,9 @@
 The mesh runs happen in a subprocess with 8 fake CPU devices (`tests/owner_worker.py`): a small
 GPT-shaped tree trained 3 steps with one jitted update, on one device and on each mesh. The
 oracle is the one-device run (no mesh, no owner compute); the compiled mesh program is read for
-its collectives. The CI run covers the 1-D FSDP mesh of 8 devices and the 4 x 2 mesh; meshes of
-2 and 4 devices and the larger tree are `slow`.
+its collectives. The CI run covers the 1-D FSDP mesh of 8 devices and the 4 x 2 mesh, with Auto
+axes and with Explicit axes; meshes of 2 and 4 devices, the mixed Explicit/Auto mesh and the
+larger tree are `slow`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,41 @@ def test_quantized_state_on_a_mesh_matches_one_device(quantized_report, family, 
     _check(quantized_report, family, mesh, owner=family.startswith("muon"))
 
 
+# Explicit meshes: the families whose per-leaf functions close over no value typed on the mesh
+# (SOAP's and Kron's close over their step's traced bias corrections and refresh flags, and
+# stay on the partitioned path there: `test_closure_over_explicit_values_stays_partitioned`)
+EXPLICIT_FAMILIES = ("muon", "muon_scanned", "mars_shampoo", "stiefel")
+
+
+@pytest.fixture(scope="module")
+def explicit_report() -> dict:
+    return _run("8e,4x2e", EXPLICIT_FAMILIES)
+
+
+@pytest.mark.parametrize("mesh", ["8e", "4x2e"])
+@pytest.mark.parametrize("family", EXPLICIT_FAMILIES)
+def test_explicit_mesh_matches_one_device(explicit_report, family, mesh):
+    """Owner compute on a mesh of Explicit axes (FSDP rows on 8; rows and columns on 4 x 2):
+    the exchange takes every array in the layout its type gives, and every update and state
+    leaf comes back typed with its own sharding."""
+    _check(explicit_report, family, mesh)
+    result = explicit_report[f"{family}@{mesh}"]
+    assert result["layouts_kept"], f"{family} on mesh {mesh}: a result changed its sharding"
+
+
+def test_closure_over_explicit_values_stays_partitioned(explicit_report):
+    """A per-leaf function given a traced scalar typed on the Explicit mesh as an argument runs
+    on its owner (all-to-all there and back); one closing over it, which a `shard_map` cannot
+    take in, runs on the partitioned path (no all-to-all). Both agree with NumPy and keep the
+    matrix's sharding."""
+    probe = explicit_report["closure_probe"]
+    for name, moved in (("passed", True), ("closing", False)):
+        result = probe[name]
+        assert result["error"] <= 1e-6, f"{name}: {result['error']}"
+        assert (result["all_to_all"] >= 2) == moved, f"{name}: {result['all_to_all']} all-to-all"
+        assert result["sharding_kept"], name
+
+
 def test_layouts_match_jax_device_indices(report):
     """`_Layout`'s block of every device equals the slice `NamedSharding` gives that device."""
     checks = report["layouts"]
@@ -133,6 +169,15 @@ def test_smaller_meshes(mesh):
     result = _run(mesh, FAMILIES)
     for family in FAMILIES:
         _check(result, family, mesh)
+
+
+@pytest.mark.slow
+def test_mixed_explicit_and_auto_mesh():
+    """4 x 2 with `fsdp` Explicit and `tp` Auto: the types show the `fsdp` part of each layout,
+    which the exchange takes; the `tp` part is the compiler's."""
+    result = _run("4x2m", EXPLICIT_FAMILIES)
+    for family in EXPLICIT_FAMILIES:
+        _check(result, family, "4x2m")
 
 
 @pytest.mark.slow

@@ -18,21 +18,35 @@ places). The cost of a leaf is estimated from its array arguments: ``rows * cols
 cols)`` per matrix (a product chain, an eigendecomposition), the size of a vector; SOAP and
 Kron give `preconditioned_cost` instead (their factorisations run only on refresh steps).
 
-Layouts. Owner compute runs on meshes with Auto axes (``jax.jit`` with sharded inputs, with or
-without `jax.set_mesh`). The partition spec of an argument is not visible while tracing there,
-so each is given the canonical layout of `canonical_spec` (its first axis that the device count
-divides, split over all mesh axes): an FSDP layout already is one; any other is resharded by
-the compiler at the edge of the `shard_map`. A result whose shape is that of the argument at
-its position (the update and the gradient, a new statistic and the old one) is released from
-the canonical layout and tied to that argument's (`shard_alike`). That keeps a row-and-column
-layout such as ``P("data", "model")`` through an unpinned step, but the compiler's propagation
-may still settle other layouts (replicated, rows only) on the canonical one: a training step
-should pin its output shardings (``state_shardings`` and the parameters' own), as large-model
-steps do anyway. A leaf whose array arguments are all small enough to be replicated (no axis the
-device count divides) is computed on every device, with nothing to exchange. On meshes with
-Explicit axes the matrix work stays with the partitioner (`linalg._sharding` gives the layouts
-of its products): a `shard_map` cannot close over values typed on an Explicit mesh, which the
-per-leaf functions do (bias corrections, step counts).
+Layouts on Auto meshes (``jax.jit`` with sharded inputs, with or without `jax.set_mesh`). The
+partition spec of an argument is not visible while tracing there, so each is given the
+canonical layout of `canonical_spec` (its first axis that the device count divides, split over
+all mesh axes): an FSDP layout already is one; any other is resharded by the compiler at the
+edge of the `shard_map`. A result whose shape is that of the argument at its position (the
+update and the gradient, a new statistic and the old one) is released from the canonical layout
+and tied to that argument's (`shard_alike`). That keeps a row-and-column layout such as
+``P("data", "model")`` through an unpinned step, but the compiler's propagation may still
+settle other layouts (replicated, rows only) on the canonical one: a training step should pin
+its output shardings (``state_shardings`` and the parameters' own), as large-model steps do
+anyway. A leaf whose array arguments are all small enough to be replicated (no axis the device
+count divides) is computed on every device, with nothing to exchange.
+
+Layouts on meshes with Explicit axes (``jax.make_mesh(..., axis_types=(AxisType.Explicit,
+...))``). The layout is part of each array's type, so the exchange takes every argument in its
+own layout (no resharding before or after; the canonical one only where a spec does not divide
+its shape) and gives every result of an argument's shape that argument's layout as its
+`shard_map` out_spec: updates and state come back typed with their parameter's and their own
+shardings, as Explicit mode requires. On a mesh of Explicit and Auto axes the types show the
+Explicit part of a layout; that part is kept, the Auto part is the compiler's. One limit: a
+`shard_map` cannot take in a value typed on an Explicit mesh that its body closes over (JAX
+raises ``NotImplementedError: Closing over inputs to shard_map where the input is sharded on
+`Explicit` axes``), and `jax.closure_convert` does not lift such values (booleans stay closed
+over, and the converted function replays a program typed on the Explicit mesh). Each leaf's
+function is traced once before the exchange (`_trace`, which also gives its result shapes); a
+leaf whose function closes over such a value (a traced bias correction, step count, refresh
+flag or injected hyperparameter: SOAP's and Kron's per-leaf functions) runs on the compiler's
+partitioned path instead, as every leaf did before; values passed as arguments (0-d arrays)
+travel into the exchange replicated and are fine.
 
 The per-leaf function is the one implementation; each owner runs it on the same whole matrices
 a single device would, so results do not depend on the mesh beyond the rounding of the
@@ -61,11 +75,15 @@ _ENABLED: list[bool] = []
 def owner_compute(enabled: bool = True) -> Iterator[None]:
     """Within the block, whether the matrix families compute whole matrices on owner devices.
 
-    On by default. On a mesh of several devices, Muon, MARS-Shampoo, SOAP and Kron send each
-    matrix to one owner device, compute it there and send the result back (see
-    ``docs/scaling.md``). ``owner_compute(False)`` leaves the matrix work to the compiler's
-    partitioning instead (the behaviour before 0.2; for comparisons). It acts while a step is
-    traced, so wrap the first call of a jitted function, not its definition.
+    On by default. On a mesh of several devices, Muon, MARS-Shampoo, Stiefel, SOAP and Kron
+    send each matrix to one owner device, compute it there and send the result back (see
+    ``docs/scaling.md``). On Auto meshes every family does; on meshes with Explicit axes the
+    exchange keeps each array's typed layout and Muon, MARS-Shampoo and Stiefel do, while SOAP
+    and Kron, whose per-leaf functions close over values traced on the mesh (a `shard_map`
+    cannot take those in), stay on the compiler's partitioning there. ``owner_compute(False)``
+    leaves the matrix work to the compiler's partitioning instead (the behaviour before 0.2;
+    for comparisons). It acts while a step is traced, so wrap the first call of a jitted
+    function, not its definition.
 
     Example:
       >>> import rlx_optax
@@ -110,8 +128,6 @@ def mesh_of(arrays: Sequence[Any]) -> Any:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh is None or mesh.empty or mesh.size <= 1:
             return None
-    if _is_explicit(mesh):
-        return None  # Explicit meshes: the partitioned path (see the module docstring)
     axes = _splitting_axes(mesh)
     if len(axes) != len(mesh.axis_names) or math.prod(mesh.shape[a] for a in axes) <= 1:
         return None
@@ -247,9 +263,25 @@ def _is_key(x: Any) -> bool:
 
 
 def _in_spec(x: Any, mesh: Any) -> P:
+    """The layout `x` enters and leaves the exchange in: on an Explicit mesh its own (its type
+    says it) when that divides its shape, else the canonical one."""
     if np.ndim(x) == 0 or _is_key(x):
         return P()
+    if _is_explicit(mesh):
+        own = _typed_sharding(x)
+        if own is not None and tuple(own.mesh.axis_names) == tuple(mesh.axis_names):
+            spec = P(*(_entry(e) for e in _normalise(own.spec, np.ndim(x))))
+            try:
+                _Layout(tuple(x.shape), spec, mesh)
+            except ValueError:
+                pass
+            else:
+                return spec
     return canonical_spec(x.shape, mesh)
+
+
+def _entry(axes: tuple[str, ...]) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def run(
@@ -281,6 +313,19 @@ def run(
 
     owned = [i for i, info in enumerate(infos) if info["sent"]]
     everywhere = [i for i, info in enumerate(infos) if not info["sent"]]
+    # each owned leaf traced once: its result shapes, and whether its function closes over a
+    # value typed on an Explicit mesh (a traced bias correction, step count or injected
+    # hyperparameter), which no `shard_map` can take in; such a leaf stays on the partitioned
+    # path (see the module docstring)
+    shapes_of = {}
+    for i in list(owned):
+        flat, struct = calls[i]
+        shapes, closes_over_explicit = _trace(fn, struct, flat)
+        if closes_over_explicit:
+            owned.remove(i)
+            everywhere.append(i)
+        else:
+            shapes_of[i] = shapes
     results: list[tuple | None] = [None] * len(calls)
     if everywhere:
         for i, r in zip(everywhere, local([calls[i] for i in everywhere]), strict=True):
@@ -297,7 +342,7 @@ def run(
     out_info = {}
     for i in owned:
         flat, struct = calls[i]
-        shapes = _eval_shape(fn, struct, flat)
+        shapes = shapes_of[i]
         args = jax.tree.unflatten(struct, flat)
         per_out = []
         for k in range(n_out):
@@ -437,7 +482,7 @@ def run(
         in_specs=tuple(operand_specs),
         out_specs=tuple(result_specs),
         check_vma=False,
-    )(*[_free(x, mesh) for x in operands])
+    )(*[_enter(x, spec, mesh) for x, spec in zip(operands, operand_specs, strict=True)])
     it = iter(flat_results)
     for i in owned:
         result = []
@@ -467,6 +512,22 @@ def _eval_shape(fn, struct, flat):
     return jax.eval_shape(_flat_call(fn, struct, flat, positions), *abstract)
 
 
+def _trace(fn, struct, flat) -> tuple[Any, bool]:
+    """`fn`'s result shapes on the arrays of `flat`, and whether it closes over a value typed
+    on a mesh with Explicit axes."""
+    positions = [j for j, x in enumerate(flat) if _is_array(x)]
+    abstract = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) for j in positions]
+    closed, shapes = jax.make_jaxpr(_flat_call(fn, struct, flat, positions), return_shape=True)(
+        *abstract
+    )
+    explicit = False
+    for c in closed.consts:
+        sharding = getattr(jax.typeof(c), "sharding", None)
+        if isinstance(sharding, NamedSharding) and _is_explicit(sharding.mesh):
+            explicit = True
+    return shapes, explicit
+
+
 def _free(x: jax.Array, mesh: Any) -> jax.Array:
     """`x` through a copy of unconstrained layout: the exchange's canonical layout then does
     not pull the layout of `x` itself (an intermediate such as Muon's momentum) toward it."""
@@ -476,12 +537,25 @@ def _free(x: jax.Array, mesh: Any) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, free)
 
 
+def _enter(x: jax.Array, spec: P, mesh: Any) -> jax.Array:
+    """`x` as the exchange takes it: on an Explicit mesh resharded to `spec` when its type
+    says otherwise; on an Auto mesh released (`_free`)."""
+    if not _is_explicit(mesh):
+        return _free(x, mesh)
+    if np.ndim(x) == 0 or _is_key(x):
+        return x
+    own = _typed_sharding(x)
+    if own is not None and _normalise(own.spec, np.ndim(x)) == _normalise(spec, np.ndim(x)):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+
 def _layout_like(value: jax.Array, like: Any, mesh: Any) -> jax.Array:
     """On an Auto mesh, `value` (a result in the canonical layout) in the layout of `like` (the
     argument it replaces), whatever that is: released from the canonical layout, then tied to
     `like`'s, so that an unpinned step keeps every parameter's and state's layout."""
-    if like is None or np.ndim(value) == 0:
-        return value
+    if like is None or np.ndim(value) == 0 or _is_explicit(mesh):
+        return value  # on an Explicit mesh the out_spec already is `like`'s own
     return shard_alike(like, _free(value, mesh))[1]
 
 
