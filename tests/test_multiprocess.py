@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from tests import multiprocess_worker as worker
+from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(worker.__file__)
 ROOT = WORKER.parent.parent
@@ -147,12 +148,22 @@ SLOW_OPTIMIZERS = ["adamw", "muon_reference", "soap_reference", "kron_reference"
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory) -> dict:
-    return launch(tmp_path_factory.mktemp("multiprocess"), CI_OPTIMIZERS, timeout_s=180)
+    return once_per_session(
+        tmp_path_factory,
+        "multiprocess",
+        lambda: launch(tmp_path_factory.mktemp("multiprocess"), CI_OPTIMIZERS, timeout_s=180),
+    )
 
 
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory) -> dict:
-    return launch(tmp_path_factory.mktemp("multiprocess_slow"), SLOW_OPTIMIZERS, timeout_s=400)
+    return once_per_session(
+        tmp_path_factory,
+        "multiprocess_slow",
+        lambda: launch(
+            tmp_path_factory.mktemp("multiprocess_slow"), SLOW_OPTIMIZERS, timeout_s=400
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", CI_OPTIMIZERS)

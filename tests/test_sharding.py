@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from rlx_optax._src import registry
+from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 ROOT = WORKER.parent.parent
@@ -24,8 +25,7 @@ KINDS = ("auto", "explicit")
 TIMEOUT_S = 900
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def run_worker() -> dict:
     # one OpenBLAS thread: concurrent LAPACK calls from the 8 device threads into a threaded
     # OpenBLAS can stall past XLA's collective timeout (rlx_optax warns; docs/scaling.md)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -43,6 +43,11 @@ def report() -> dict:
     if proc.returncode != 0 or not lines:
         pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1].split(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return once_per_session(tmp_path_factory, "sharding_report", run_worker)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,8 +75,7 @@ def test_matrix_family_options_on_explicit_mesh(report, variant):
 
 def test_stiefel_momentum_kept_on_owner_devices(report):
     """stiefel(state_placement="owner") on an Auto mesh: each split Stiefel matrix's momentum
-    lies in its owner's row of the buffers; the parameters are those of the momentum kept per
-    parameter."""
+    lies in its owner's row of the buffers; the parameters are those of one device."""
     result = report["stiefel_owner_state"]
     assert result["placed"] == "OwnerPlacedState"
     assert result["owned_leaves"] == 3  # w_rows, w_both, w_wide (rows <= columns, split)
