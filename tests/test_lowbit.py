@@ -132,7 +132,8 @@ def test_nearest_code_over_a_sweep_of_float32_values(signed):
     index = np.asarray(q.codes).astype(np.int64) + (127 if signed else 0)
     t64 = table.astype(np.float64)
     pos = np.searchsorted(t64, x.astype(np.float64))
-    near = np.stack([np.clip(pos - 1, 0, 254), np.clip(pos, 0, 254)])
+    top = len(table) - 1
+    near = np.stack([np.clip(pos - 1, 0, top), np.clip(pos, 0, top)])
     best = np.min(np.abs(x[None].astype(np.float64) - t64[near]), axis=0)
     np.testing.assert_array_equal(np.abs(x - t64[index]), best)
     np.testing.assert_array_equal(np.asarray(rlx_optax.dequantize_blockwise(q)), table[index])
@@ -140,11 +141,74 @@ def test_nearest_code_over_a_sweep_of_float32_values(signed):
 
 def test_codes_have_the_documented_shape():
     signed, unsigned = _lowbit.signed_code(), _lowbit.unsigned_code()
-    assert signed.shape == unsigned.shape == (255,)
+    assert signed.shape == (255,) and unsigned.shape == (256,)
     assert np.all(np.diff(signed) > 0) and np.all(np.diff(unsigned) > 0)
     np.testing.assert_array_equal(signed, -signed[::-1])  # symmetric, zero in the middle
     assert signed[127] == 0 and signed[-1] == 1
     assert unsigned[0] > 0 and unsigned[-1] == 1  # no zero in the second-moment code
+    # below the scale, binade by binade from the top: the values per binade and their
+    # spacing (as a fraction of the binade). The signed code: 32, 16, 16, 8 (4 binades), 4
+    # (8 binades, the lowest keeping its top 2); the unsigned one: 8 in each of 32 binades
+    # (the lowest without its bottom value, 2^-32 itself)
+    signed_spacing = [32, 16, 16] + [8] * 4 + [4] * 8
+    for code, counts_want, spacing in (
+        (signed[128:-1], signed_spacing[:-1] + [2], signed_spacing),
+        (unsigned[:-1], [8] * 31 + [7], [8] * 32),
+    ):
+        fraction, exponent = np.frexp(code.astype(np.float64))
+        binades, counts = np.unique(exponent, return_counts=True)
+        assert list(counts[::-1]) == counts_want and np.all(np.diff(binades) == 1)
+        for b, n in zip(binades[::-1], spacing, strict=True):
+            steps = (fraction[exponent == b] * 2 - 1) * n  # evenly spaced: whole steps
+            np.testing.assert_array_equal(steps, np.round(steps))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_given_scale_gives_the_nearest_code_of_the_clipped_quotient(signed):
+    """With a scale given (the bound of an update), each code is the nearest code to
+    ``min(|x| / scale, 1)`` with the sign of x (brute force), scales above and below the
+    block maxima alike."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(4, 512)) * 10.0 ** rng.uniform(-6, 0, (4, 512))).astype(np.float32)
+    x = x if signed else x * x
+    top = np.abs(x).reshape(4, 2, 256).max(axis=-1)
+    scale = (top * rng.choice([0.5, 1.0, 1.37, 4.0, 300.0], size=top.shape)).astype(np.float32)
+    q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed, scale=jnp.asarray(scale))
+    np.testing.assert_array_equal(np.asarray(q.scale), scale)
+    table = (_lowbit.signed_code() if signed else _lowbit.unsigned_code()).astype(np.float64)
+    inverse = (1 / scale).astype(np.float32)  # the quotient as the encoder forms it
+    y = (x.reshape(4, 2, 256) * inverse[..., None]).reshape(4, 512).astype(np.float64)
+    y = np.sign(y) * np.minimum(np.abs(y), 1.0)
+    index = np.asarray(q.codes).astype(np.int64) + (127 if signed else 0)
+    best = np.min(np.abs(y[..., None] - table), axis=-1)
+    np.testing.assert_array_equal(np.abs(y - table[index]), best)
+
+
+def test_first_moment_scale_is_the_update_bound():
+    """AdamW with 8-bit moments, one step from a quantized state: the first moment's scale is
+    ``b1 * (largest stored |m|) + (1 - b1) * (largest |g|)`` per block (float64), which bounds
+    the new moment; the second moment's scale is the largest new second moment."""
+    tx = rlx_optax.scale_by_adam(b1=0.9, b2=0.999, mu_dtype="q8", nu_dtype="q8")
+    b1, b2 = float(np.float32(0.9)), float(np.float32(0.999))  # the betas as float32 holds them
+    p = params_tree()
+    s = tx.init(p)
+    step = jax.jit(tx.update)
+    for i in range(3):
+        _, s = step(grads_tree(i), s)
+    g = np.asarray(grads_tree(3)["w"], np.float64)
+    m_old = np.asarray(rlx_optax.dequantize_blockwise(s.mu["w"]), np.float64)
+    v_old = np.asarray(rlx_optax.dequantize_blockwise(s.nu["w"]), np.float64)
+    _, new = step(grads_tree(3), s)
+
+    def block_max(a):  # (64, 300): blocks of 256 and 44
+        return np.stack([np.abs(a[:, :256]).max(1), np.abs(a[:, 256:]).max(1)], axis=1)
+
+    want = b1 * block_max(m_old) + (1 - b1) * block_max(g)
+    np.testing.assert_allclose(np.asarray(new.mu["w"].scale), want, rtol=1e-6)
+    m_new = b1 * m_old + (1 - b1) * g
+    assert np.all(block_max(m_new) <= want * (1 + 1e-6))
+    v_new = b2 * v_old + (1 - b2) * g * g
+    np.testing.assert_allclose(np.asarray(new.nu["w"].scale), block_max(v_new), rtol=1e-6)
 
 
 def test_blocks_never_cross_the_first_axis():

@@ -7,10 +7,17 @@ argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
 - a floating dtype (``jnp.bfloat16``, ``jnp.float32``): stored in it; a float32 result rounded
   into bfloat16 either to nearest or, with ``stochastic_rounding=True``, stochastically;
 - ``"q8"`` (`Q8`): 8-bit codes plus one float32 scale per block of `BLOCK` elements along the
-  last axis (`QuantizedArray`). First moments use a signed dynamic code, second moments an
-  unsigned dynamic code without zero. Leaves under `MIN_QUANTIZED_SIZE` elements, leaves
-  whose last axis is shorter than `MIN_QUANTIZED_LAST_AXIS` and complex leaves are kept
-  unquantized, in float32 (the compute dtype).
+  last axis (`QuantizedArray`). First moments use a signed code with zero and a resolution
+  that falls with the distance below the block scale (as Dettmers et al.'s dynamic code),
+  second moments an unsigned small-float code without zero (5 exponent, 3 mantissa bits);
+  both are float32 values read off the float's bits, encoded to the nearest code by integer
+  arithmetic. The scale of a block is its largest magnitude, except for first moments in an
+  update: there it is a bound known before the new moment is (`ema_bound`: ``decay *
+  (largest stored magnitude) + weight * (largest increment)``), so that no pass over the
+  new moment has to precede its encoding. Leaves under
+  `MIN_QUANTIZED_SIZE` elements, leaves whose last axis is shorter than
+  `MIN_QUANTIZED_LAST_AXIS` and complex leaves are kept unquantized, in float32 (the
+  compute dtype).
 
 The randomness of stochastic rounding is a counter-based stream: a hash of the element's
 index within its leaf and of a seed that hashes the step count, the leaf's index and the
@@ -48,46 +55,73 @@ _BASE_SEED = 0x5EED
 
 # --------------------------------------------------------------------------- the codes
 
-#: Octaves per group of the dynamic codes: group ``j`` spans a factor ``2**3 = 8``.
-_GROUP_OCTAVES = 3
-_SIGNED_GROUPS, _UNSIGNED_GROUPS = 7, 8
+# The code values are float32 numbers read off the float's bits, so that encoding is an
+# integer rounding of the bits and decoding a few shifts and adds (no table, no search, no
+# transcendental function).
+#
+# First moments (int8, sign and magnitude ``c`` in 0..127): zero, 1.0 (``c = 127``) and,
+# below 1, binades with fewer values the further they lie below the block scale, as in the
+# dynamic code of Dettmers et al. (https://arxiv.org/abs/2110.02861): tier ``t`` = 0..3
+# holds 32 values in ``2^t`` binades, ``2^(5-t)`` evenly spaced values per binade (the
+# binade below 1 has 32, the next two 16 each, the next four 8, the next eight 4, down to
+# ``1.5 * 2^-15``).
+# Second moments (uint8, 256 values, no zero): 5 exponent and 3 mantissa bits, values
+# ``2^e (1 + k/8)`` from ``1.125 * 2^-32`` to 1: a second moment needs range (its values
+# span the squares of the gradients' range) more than resolution near the top (its square
+# root halves relative errors).
+_SIGNED_TIER = 32  # values per tier
+_SIGNED_TOP = 127  # the code of 1.0
+_UNSIGNED_SHIFT = 20
+_ONE_BITS = 0x3F800000  # float32 1.0
+#: ``c + offset`` is the top of the float32 bits of the value of the unsigned code ``c``;
+#: the largest code, 255, is 1.0.
+_UNSIGNED_OFFSET = (_ONE_BITS >> _UNSIGNED_SHIFT) - 255
 
 
-def _dynamic_magnitudes(groups: int) -> np.ndarray:
-    """Positive code values in (0, 1], ascending, 1.0 included; exact in float32.
+def _bits_value(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, np.int32).view(np.float32)
 
-    Group ``j`` (0 = smallest) spans ``(8^(j-G), 8^(j-G+1)]`` (``G`` = `groups`) and holds
-    ``n = 2^j`` evenly spaced values ``8^(j-G) (1 + 7k/n)``, ``k = 1..n``: coarse where values
-    are tiny, fine near the block maximum (the dynamic code of Dettmers et al.,
-    https://arxiv.org/abs/2110.02861, with groups of three octaves instead of decades, so that
-    every value is a float32 and the nearest one is found with exact arithmetic).
-    """
-    values = []
-    for j in range(groups):
-        n = 2**j
-        k = np.arange(1, n + 1)
-        values.append(2.0 ** (_GROUP_OCTAVES * (j - groups)) * (1 + 7 * k / n))
-    out = np.concatenate(values)
-    assert np.all(np.diff(out) > 0) and np.array_equal(out, out.astype(np.float32))
-    return out
+
+def _signed_magnitudes_numpy() -> np.ndarray:
+    """The 127 positive values of the signed code, ascending, built binade by binade."""
+    values = [1.0]
+    for t in range(4):
+        width = 5 - t
+        for binade in range(2**t - 1, 2 ** (t + 1) - 1):  # below 1: [2^-(b+1), 2^-b)
+            k = np.arange(2**width - 1, -1, -1)
+            values.extend(2.0 ** -(binade + 1) * (1 + k / 2**width))
+    return np.array(values[:_SIGNED_TOP][::-1], np.float64)
 
 
 @functools.cache
 def signed_code() -> np.ndarray:
-    """The 255 values of the signed code for first moments: ``0``, and ``±`` 127 dynamic
-    magnitudes down to ``8^-6`` (3.8e-6) of the block maximum; ascending, float32. Stored as
-    int8 ``c`` meaning ``code[c + 127]``."""
-    pos = _dynamic_magnitudes(_SIGNED_GROUPS)  # 127 values
-    return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
+    """The 255 values of the signed code for first moments: ``0`` and ``±`` 127 magnitudes
+    from ``1.5 * 2^-15`` (4.6e-5) to 1 of the block scale, 32 per binade just below 1, 16 in
+    each of the next two binades, 8 in each of the next four and 4 in each of the next
+    eight; ascending, float32. Stored as int8 ``c`` meaning ``code[c + 127]``."""
+    pos = _signed_magnitudes_numpy()
+    out = np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
+    assert np.array_equal(out, np.concatenate([-pos[::-1], [0.0], pos]))  # exact in float32
+    return out
 
 
 @functools.cache
 def unsigned_code() -> np.ndarray:
-    """The 255 values of the unsigned code for second moments: 255 dynamic magnitudes from
-    ``8^-7`` (4.8e-7) to 1 of the block maximum, **without zero** (a second moment rounded
-    to zero would turn ``m / (sqrt(v) + eps)`` into ``m / eps``); ascending, float32. Stored
-    as uint8."""
-    return _dynamic_magnitudes(_UNSIGNED_GROUPS).astype(np.float32)
+    """The 256 values of the unsigned code for second moments: magnitudes ``2^e (1 + k/8)``
+    from ``1.125 * 2^-32`` (2.6e-10) to 1 of the block scale (5 exponent and 3 mantissa
+    bits), **without zero** (a second moment rounded to zero would turn
+    ``m / (sqrt(v) + eps)`` into ``m / eps``); ascending, float32. Stored as uint8."""
+    return _bits_value((np.arange(256) + _UNSIGNED_OFFSET) << _UNSIGNED_SHIFT)
+
+
+#: The smallest nonzero magnitude of the signed code.
+_SIGNED_SMALLEST = float(signed_code()[128])
+
+
+def _log2_int(n: jax.Array) -> jax.Array:
+    """``floor(log2(n))`` of int32 ``n`` in [1, 2^24) (its float32 exponent)."""
+    f = jax.lax.bitcast_convert_type(n.astype(jnp.float32), jnp.int32)
+    return (f >> 23) - 127
 
 
 class QuantizedArray(NamedTuple):
@@ -95,10 +129,11 @@ class QuantizedArray(NamedTuple):
 
     `codes` has the array's shape: int8 for the signed code (first moments), uint8 for the
     unsigned one (second moments). `scale` has shape ``shape[:-1] + (ceil(shape[-1] /
-    BLOCK),)``: the largest magnitude of each block of the last axis, so that a block never
-    crosses a shard boundary of a sharding along any axis but the last. The value of an
-    element is ``code[c] * scale[block]``. A pytree of two arrays (jit, checkpoints and
-    `optax.tree` utilities see them as leaves).
+    BLOCK),)``: an upper bound of the magnitudes of each block of the last axis (a block
+    never crosses a shard boundary of a sharding along any axis but the last). The value of
+    an element is ``code[c] * scale[block]``, and ``c`` is the code nearest to
+    ``min(|x| / scale, 1)`` (with the sign of ``x``). A pytree of two arrays (jit,
+    checkpoints and `optax.tree` utilities see them as leaves).
     """
 
     codes: jax.Array
@@ -113,49 +148,51 @@ class QuantizedArray(NamedTuple):
         return self.codes.dtype == jnp.int8
 
 
-def _pow2(e: jax.Array) -> jax.Array:
-    """``2.0 ** e`` (float32, exact) for int32 ``e`` in the normal range."""
-    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+def _encode(y: jax.Array, signed: bool) -> jax.Array:
+    """The nearest code (ties to the smaller magnitude) of float32 ``y`` clipped to [-1, 1].
 
-
-def _nearest_magnitude(a: jax.Array, groups: int, zero: bool) -> jax.Array:
-    """The index into ``[0] + dynamic`` (when `zero`) or the dynamic magnitudes of `groups`
-    groups of the value nearest to each float32 ``a`` in [0, 1] (ties to the smaller).
-
-    No search: the float's exponent gives the group ``j``; scaled by a power of two into
-    ``[1, 8)`` (exact), the group's values are the grid ``1 + 7k/n`` and ``x = (a' - 1) n``
-    is exact, so ``k0 = floor(x / 7)`` (possibly one too small next to a grid point) and one
-    exact comparison ``2x > 7 (2 k0 + 1)`` (the midpoint) pick the nearest ``k``. About 25
-    vector operations per element, no table lookup.
+    Within a binade the code values are evenly spaced, so adding half a code step less one
+    to the float's bits and dropping the bits below the code's resolution rounds to
+    nearest; a carry out of the mantissa lands on the next binade's first value, which is
+    the next code. Below the smallest code the signed code picks zero or the smallest code,
+    the unsigned one (no zero) the smallest code.
     """
-    g3 = _GROUP_OCTAVES * groups
+    a = jnp.minimum(jnp.abs(y), 1.0)
     bits = jax.lax.bitcast_convert_type(a, jnp.int32)
-    octave = jnp.clip((bits >> 23) - 127 + g3, 0, g3 - 1)  # the clip puts a = 1 in the top group
-    j = octave // _GROUP_OCTAVES
-    scaled = jax.lax.bitcast_convert_type(
-        bits + ((g3 - _GROUP_OCTAVES * j) << 23), jnp.float32
-    )  # a 8^(G-j): in [1, 8] for j >= 1
-    n = jnp.left_shift(1, j)
-    x = (scaled - 1) * n.astype(jnp.float32)
-    k0 = jnp.clip(jnp.floor(x * np.float32(1 / 7)).astype(jnp.int32), 0, n - 1)
-    up = (x + x) > (14 * k0 + 7).astype(jnp.float32)
-    index = n - 2 + k0 + up.astype(jnp.int32) + (1 if zero else 0)
-    # group 0 (a below the smallest code): zero or the smallest code, whichever is nearer
-    smallest = np.float32(2.0 ** (_GROUP_OCTAVES * (1 - groups)))
-    low = (a + a > smallest).astype(jnp.int32) if zero else jnp.zeros_like(index)
-    return jnp.where(j == 0, low, index)
+    if not signed:
+        c = ((bits + ((1 << (_UNSIGNED_SHIFT - 1)) - 1)) >> _UNSIGNED_SHIFT) - _UNSIGNED_OFFSET
+        return jnp.maximum(c, 0).astype(jnp.uint8)
+    # binade b (a in [2^-(b+1), 2^-b)), tier t = floor(log2(b + 1)) of 2^(5-t) values per
+    # binade; binades from 15 on (tier 4) lie below the smallest code
+    binade = jnp.clip(126 - (bits >> 23), 0, 15)
+    tier = _log2_int(binade + 1)
+    shift = 18 + tier  # the mantissa bits below the code's resolution
+    q = ((bits & 0x7FFFFF) + (jnp.left_shift(1, shift - 1) - 1)) >> shift  # 0 ..= 2^(5-t)
+    # codes at or above this binade's first value: 32 per tier above, then the binades of
+    # this tier down to this one
+    above = _SIGNED_TIER * tier + jnp.left_shift(binade - jnp.left_shift(1, tier) + 2, 5 - tier)
+    c = _SIGNED_TOP - above + q
+    c = jnp.where(bits >= _ONE_BITS, _SIGNED_TOP, c)
+    c = jnp.where(c > 0, c, (a + a > _SIGNED_SMALLEST).astype(jnp.int32))
+    return jnp.where(y < 0, -c, c).astype(jnp.int8)
 
 
-def _magnitude_value(r: jax.Array, groups: int) -> jax.Array:
-    """The dynamic code value (float32, exact) of index ``r`` (int32, ``0 <= r < 2^G - 1``).
-
-    ``w = r + 1`` lies in group ``j = floor(log2 w)`` (its float exponent): with ``n = 2^j``
-    and ``k = w + 1 - n``, the value ``8^(j-G) (1 + 7k/n)`` is ``(7 (w + 1) - 6n) 2^(2j-3G)``.
-    """
-    w = r + 1
-    j = (jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.int32) >> 23) - 127
-    n = jnp.left_shift(1, j)
-    return (7 * (w + 1) - 6 * n).astype(jnp.float32) * _pow2(2 * j - _GROUP_OCTAVES * groups)
+def _decode(codes: jax.Array) -> jax.Array:
+    """The float32 code values of int8 (signed) or uint8 (unsigned) `codes` (exact)."""
+    c = codes.astype(jnp.int32)
+    if codes.dtype != jnp.int8:
+        return jax.lax.bitcast_convert_type((c + _UNSIGNED_OFFSET) << _UNSIGNED_SHIFT, jnp.float32)
+    m = jnp.abs(c)
+    rank = (_SIGNED_TOP - 1) - m  # 0 for the value just below 1, descending
+    tier = rank >> 5
+    width = 5 - tier
+    pos = rank & (_SIGNED_TIER - 1)
+    binade = jnp.left_shift(1, tier) - 1 + (pos >> width)
+    mantissa = jnp.left_shift(1, width) - 1 - (pos & (jnp.left_shift(1, width) - 1))
+    bits = ((126 - binade) << 23) | jnp.left_shift(mantissa, 23 - width)
+    v = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    v = jnp.where(m == _SIGNED_TOP, 1.0, jnp.where(m == 0, 0.0, v))
+    return jnp.where(c < 0, -v, v)
 
 
 def _blocks(x: jax.Array) -> tuple[jax.Array, int]:
@@ -168,39 +205,60 @@ def _blocks(x: jax.Array) -> tuple[jax.Array, int]:
     return x.reshape(*x.shape[:-1], nb, BLOCK), last
 
 
-def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
+def _unblocks(b: jax.Array, last: int) -> jax.Array:
+    return b.reshape(*b.shape[:-2], -1)[..., :last]
+
+
+def block_absmax(x: jax.Array) -> jax.Array:
+    """The largest magnitude of each block of `x` (float32, the shape of a scale)."""
+    b, _ = _blocks(jnp.asarray(x, jnp.float32))
+    return jnp.max(jnp.abs(b), axis=-1)
+
+
+def quantize_blockwise(x: jax.Array, signed: bool, scale: Any = None) -> QuantizedArray:
     """`x` (real, at least 1-d) to the nearest code of its block-scaled value.
 
     The scale of a block is its largest magnitude (0 for an all-zero block, which then
-    dequantizes to exact zeros); each element gets the code nearest to ``x / scale`` (ties to
-    the smaller magnitude; the quotient is ``x`` times the float32 reciprocal of the scale).
+    dequantizes to exact zeros), or `scale` when given (an upper bound of the block's
+    magnitudes; larger magnitudes get the largest code). Each element gets the code nearest
+    to ``min(|x| / scale, 1)`` with the sign of ``x`` (ties to the smaller magnitude; the
+    quotient is ``x`` times the float32 reciprocal of the scale).
     """
     x32 = jnp.asarray(x, jnp.float32)
     b, last = _blocks(x32)
-    scale = jnp.max(jnp.abs(b), axis=-1)
+    if scale is None:
+        scale = jnp.max(jnp.abs(b), axis=-1)
+    scale = jnp.asarray(scale, jnp.float32)
     inverse = 1 / jnp.where(scale > 0, scale, 1.0)
-    y = b * inverse[..., None]
-    if signed:  # the code is symmetric: the nearest magnitude, with the sign of y
-        m = _nearest_magnitude(jnp.abs(y), _SIGNED_GROUPS, True)
-        codes = jnp.where(y < 0, -m, m).astype(jnp.int8)
-    else:
-        codes = _nearest_magnitude(y, _UNSIGNED_GROUPS, False).astype(jnp.uint8)
-    codes = codes.reshape(*codes.shape[:-2], -1)[..., :last]
-    return QuantizedArray(codes=codes, scale=scale)
+    codes = _encode(b * inverse[..., None], signed)
+    return QuantizedArray(codes=_unblocks(codes, last), scale=scale)
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     """The float32 array `q` stands for (the code values computed, not looked up)."""
-    codes = jnp.asarray(q.codes).astype(jnp.int32)
-    if q.codes.dtype == jnp.int8:
-        m = jnp.abs(codes)
-        value = _magnitude_value(jnp.maximum(m - 1, 0), _SIGNED_GROUPS)
-        value = jnp.where(codes < 0, -value, jnp.where(m == 0, 0.0, value))
-    else:
-        value = _magnitude_value(codes, _UNSIGNED_GROUPS)
-    values, last = _blocks(value)
-    out = values * jnp.asarray(q.scale, jnp.float32)[..., None]
-    return out.reshape(*out.shape[:-2], -1)[..., :last]
+    values, last = _blocks(_decode(jnp.asarray(q.codes)))
+    return _unblocks(values * jnp.asarray(q.scale, jnp.float32)[..., None], last)
+
+
+def stored_absmax(q: QuantizedArray) -> jax.Array:
+    """The largest magnitude `q` stands for in each block: the value of its largest code
+    times the scale (a reduction over the 8-bit codes only)."""
+    codes, _ = _blocks(jnp.asarray(q.codes))
+    top = jnp.max(jnp.abs(codes) if q.signed else codes, axis=-1)
+    return _decode(top) * jnp.asarray(q.scale, jnp.float32)
+
+
+def ema_bound(stored: Any, decay: Any, weight: Any, increment_absmax: jax.Array) -> Any:
+    """The scale for a moment updated as ``decay * old + weight * x``, without a pass over
+    the new moment: ``|decay| * (largest stored magnitude) + |weight| * (largest |x|)`` per
+    block, an upper bound of the new block's magnitudes (up to float32 rounding, which the
+    encoder's clip to 1 absorbs). `increment_absmax` is `block_absmax` of ``x``. None when
+    `stored` is not quantized."""
+    if not isinstance(stored, QuantizedArray):
+        return None
+    decay = jnp.abs(jnp.asarray(decay, jnp.float32))
+    weight = jnp.abs(jnp.asarray(weight, jnp.float32))
+    return decay * stored_absmax(stored) + weight * increment_absmax
 
 
 def quantized_like(p: Any, signed: bool) -> QuantizedArray:
@@ -345,15 +403,17 @@ def write(
     step: Any = None,
     leaf: int = 0,
     salt: int = 0,
+    bound: Any = None,
 ) -> Any:
     """`value` (compute dtype) stored like `stored` (the previous state of this leaf).
 
-    Quantized stays quantized with the same code; a narrower float dtype is rounded to
-    nearest, or stochastically (bfloat16 only) with `stochastic`, from the stream of
-    (`step`, `leaf`, `salt`).
+    Quantized stays quantized with the same code, scaled by `bound` (from `ema_bound`) when
+    given, else by the block maxima of `value` (one more pass over it); a narrower float
+    dtype is rounded to nearest, or stochastically (bfloat16 only) with `stochastic`, from
+    the stream of (`step`, `leaf`, `salt`).
     """
     if isinstance(stored, QuantizedArray):
-        return quantize_blockwise(value, stored.signed)
+        return quantize_blockwise(value, stored.signed, bound)
     dtype = stored.dtype
     if stochastic and dtype == jnp.bfloat16 and value.dtype == jnp.float32:
         return stochastic_round(value, dtype, seed=_round_key(step, leaf, salt))

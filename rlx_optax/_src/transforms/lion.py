@@ -86,9 +86,13 @@ def scale_by_lion(
             # makes c non-finite; pass c through there, so that the step shows it
             # (docs/robustness.md; optax.apply_if_finite then skips it). Same fused pass.
             u = jnp.where(jnp.isfinite(c), jnp.sign(c), c)
+            bound = None
+            if isinstance(m, _lowbit.QuantizedArray):
+                bound = _lowbit.ema_bound(m, b2, 1 - b2, _lowbit.block_absmax(g32))
             m_s = _lowbit.write(
                 m_new,
                 m,
+                bound=bound,
                 stochastic=stochastic_rounding,
                 step=count,
                 leaf=i,

@@ -192,8 +192,12 @@ def scale_by_muon(
         else:
             m = mu * m + (1 - mu) * g32
             d = (1 - mu) * g32 + mu * m if nesterov else m
+        bound = None
+        if isinstance(stored, _lowbit.QuantizedArray):  # new = mu * old + weight * g
+            weight = 1.0 if momentum_form == "sum" else 1 - mu
+            bound = _lowbit.ema_bound(stored, mu, weight, _lowbit.block_absmax(g32))
         sr = dict(stochastic=stochastic_rounding, step=count, leaf=leaf, salt=_lowbit.SALT_MU)
-        return d, _lowbit.write(m, stored, **sr)
+        return d, _lowbit.write(m, stored, bound=bound, **sr)
 
     def orthogonalise(d):
         def ns(x):

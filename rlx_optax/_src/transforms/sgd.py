@@ -66,9 +66,13 @@ def scale_by_sgd(
             g32 = g.astype(ct)
             v = momentum * _lowbit.read(stored, ct) + g32
             u = g32 + momentum * v if nesterov else v
+            bound = None
+            if isinstance(stored, _lowbit.QuantizedArray):
+                bound = _lowbit.ema_bound(stored, momentum, 1.0, _lowbit.block_absmax(g32))
             v_s = _lowbit.write(
                 v,
                 stored,
+                bound=bound,
                 stochastic=stochastic_rounding,
                 step=count,
                 leaf=i,

@@ -221,9 +221,14 @@ def scale_by_sophia(
             u, m_new, ratio = _sophia_direction(
                 g, m32, hh, b1=b1, gamma=gamma, rho=rho, eps=eps, bc1=bc1
             )
+            bound = None
+            if isinstance(m, _lowbit.QuantizedArray):
+                b = jnp.asarray(b1, jnp.float32)
+                bound = _lowbit.ema_bound(m, b, 1 - b, _lowbit.block_absmax(g))
             m_s = _lowbit.write(
                 m_new,
                 m,
+                bound=bound,
                 stochastic=stochastic_rounding,
                 step=count,
                 leaf=i,
