@@ -19,6 +19,7 @@ from rlx_optax._src.transforms._lowbit import dequantize_blockwise as dequantize
 from rlx_optax._src.transforms._lowbit import quantize_blockwise as quantize_blockwise
 from rlx_optax._src.transforms._lowbit import stochastic_round as stochastic_round
 from rlx_optax._src.transforms._owner import owner_compute as owner_compute
+from rlx_optax._src.transforms._resident import OwnerPlacedState as OwnerPlacedState
 from rlx_optax._src.transforms.adafactor import AdafactorState as AdafactorState
 from rlx_optax._src.transforms.adafactor import adafactor as adafactor
 from rlx_optax._src.transforms.adafactor import scale_by_adafactor as scale_by_adafactor
@@ -130,6 +131,7 @@ __all__ = [
     "MuonLabels",
     "MuonState",
     "NAdamWState",
+    "OwnerPlacedState",
     "QHAdamWState",
     "RAdamState",
     "QuantizedArray",
