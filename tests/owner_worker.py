@@ -207,11 +207,18 @@ def loop_probe() -> list[int]:
     return list(collectives(f.lower(x).compile().as_text()))
 
 
+class _Box:
+    """An object `_owner` does not look into (a closure through it is not rebound)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def closure_probe() -> dict:
-    """One matrix through `grouped_map` on the Explicit mesh of 8 devices, its per-leaf function
-    given a traced scalar typed on the mesh as an argument, or closing over it: the error
-    against NumPy, the all-to-alls of each program, and whether the result has the matrix's
-    sharding."""
+    """One matrix through `grouped_map` on the Explicit mesh of 8 devices, with a traced scalar
+    typed on the mesh given to the per-leaf function as an argument ('passed'), closed over
+    ('closing'), or closed over inside an object ('boxed'): the error against NumPy, the
+    all-to-alls of each program, and whether the result has the matrix's sharding."""
     from rlx_optax._src.transforms import _batching
 
     mesh = make_mesh("8e")
@@ -231,8 +238,13 @@ def closure_probe() -> dict:
         fn = lambda a: (a * scale / jnp.sqrt(jnp.sum(a * a)),)  # noqa: E731
         return _batching.grouped_map(fn, 1, {"w": x})[0]["w"]
 
+    def boxed(x, s):
+        box = _Box(2 * s)
+        fn = lambda a: (a * box.value / jnp.sqrt(jnp.sum(a * a)),)  # noqa: E731
+        return _batching.grouped_map(fn, 1, {"w": x})[0]["w"]
+
     out = {}
-    for name, f in (("passed", passed), ("closing", closing)):
+    for name, f in (("passed", passed), ("closing", closing), ("boxed", boxed)):
         step = jax.jit(f)
         y = step(x, s)
         out[name] = {

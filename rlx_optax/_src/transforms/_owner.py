@@ -56,7 +56,9 @@ compiled programs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -317,15 +319,16 @@ def run(
     # value typed on an Explicit mesh (a traced bias correction, step count or injected
     # hyperparameter), which no `shard_map` can take in; such a leaf stays on the partitioned
     # path (see the module docstring)
-    shapes_of = {}
+    shapes_of, hoisted = {}, {}
     for i in list(owned):
         flat, struct = calls[i]
-        shapes, closes_over_explicit = _trace(fn, struct, flat)
-        if closes_over_explicit:
+        shapes, closed_over = _trace(fn, struct, flat)
+        if closed_over and not _hoistable(fn, struct, flat, closed_over):
             owned.remove(i)
             everywhere.append(i)
-        else:
-            shapes_of[i] = shapes
+            continue
+        shapes_of[i] = shapes
+        hoisted.update((id(c), c) for c in closed_over)
     results: list[tuple | None] = [None] * len(calls)
     if everywhere:
         for i, r in zip(everywhere, local([calls[i] for i in everywhere]), strict=True):
@@ -410,6 +413,12 @@ def run(
             where[(i, j)] = len(operands)
             operands.append(calls[i][0][j])
             operand_specs.append(infos[i]["specs"][j])
+    # and every value the per-leaf function closes over that is typed on an Explicit mesh,
+    # replicated; inside, `local` runs with those closures bound to these operands instead
+    first_hoisted = len(operands)
+    for c in hoisted.values():
+        operands.append(c)
+        operand_specs.append(P())
     result_specs = []
     for i in owned:
         for _, _, specs, _, _ in out_info[i]:
@@ -445,7 +454,9 @@ def run(
                         at = in_offsets[(i, j)]
                         flat[j] = layout.assemble(buf[:, at : at + layout.block_size])
                     local_calls.append((flat, struct))
-                outs = local(local_calls) if local_calls else []
+                inner = dict(zip(hoisted, blocks[first_hoisted:], strict=True))
+                run_local = _substituted(local, inner) if inner else local
+                outs = run_local(local_calls) if local_calls else []
                 sendback = {dt: [[] for _ in range(devices)] for dt in out_dtypes}
                 for i, result in zip(mine, outs, strict=True):
                     for k, (_, _, _, layouts, _) in enumerate(out_info[i]):
@@ -512,20 +523,108 @@ def _eval_shape(fn, struct, flat):
     return jax.eval_shape(_flat_call(fn, struct, flat, positions), *abstract)
 
 
-def _trace(fn, struct, flat) -> tuple[Any, bool]:
-    """`fn`'s result shapes on the arrays of `flat`, and whether it closes over a value typed
-    on a mesh with Explicit axes."""
+def _trace(fn, struct, flat) -> tuple[Any, list[Any]]:
+    """`fn`'s result shapes on the arrays of `flat`, and the values typed on a mesh with
+    Explicit axes that it closes over (a `shard_map` cannot take them in)."""
     positions = [j for j, x in enumerate(flat) if _is_array(x)]
-    abstract = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) for j in positions]
+    abstract = [_abstract(flat[j]) for j in positions]
     closed, shapes = jax.make_jaxpr(_flat_call(fn, struct, flat, positions), return_shape=True)(
         *abstract
     )
-    explicit = False
-    for c in closed.consts:
-        sharding = getattr(jax.typeof(c), "sharding", None)
-        if isinstance(sharding, NamedSharding) and _is_explicit(sharding.mesh):
-            explicit = True
-    return shapes, explicit
+    return shapes, [c for c in closed.consts if _on_explicit_mesh(c)]
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    weak = bool(getattr(jax.typeof(x), "weak_type", False))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
+
+
+def _on_explicit_mesh(x: Any) -> bool:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return isinstance(sharding, NamedSharding) and _is_explicit(sharding.mesh)
+
+
+def _hoistable(fn, struct, flat, closed_over: list[Any]) -> bool:
+    """Whether `fn`, its closures bound to arguments in place of `closed_over` (through
+    `_substituted`), closes over no value typed on an Explicit mesh any more."""
+    positions = [j for j, x in enumerate(flat) if _is_array(x)]
+    call = _flat_call(fn, struct, flat, positions)
+
+    def bound(values, *arrays):
+        inner = {id(c): v for c, v in zip(closed_over, values, strict=True)}
+        return _substituted(call, inner)(*arrays)
+
+    stand_ins = [_abstract(c) for c in closed_over]
+    closed = jax.make_jaxpr(bound)(stand_ins, *[_abstract(flat[j]) for j in positions])
+    return not any(_on_explicit_mesh(c) for c in closed.consts)
+
+
+def _substituted(obj: Any, values: dict[int, Any]) -> Any:
+    """`obj` with every value whose ``id`` is a key of `values` replaced by that value, through
+    the closures and defaults of Python functions, `functools.partial`s and built-in
+    containers (tuples, named tuples, lists, dicts). What reaches none of them is `obj` itself;
+    what is reached only through other objects is not replaced (`_hoistable` checks)."""
+    reaches: dict[int, bool] = {}
+
+    def reach(x: Any) -> bool:
+        key = id(x)
+        if key in values:
+            return True
+        if key in reaches:
+            return reaches[key]
+        reaches[key] = False  # a cycle reaches nothing more through itself
+        reaches[key] = any(reach(c) for c in _children(x))
+        return reaches[key]
+
+    memo: dict[int, Any] = {}
+
+    def swap(x: Any) -> Any:
+        key = id(x)
+        if key in values:
+            return values[key]
+        if not reach(x):
+            return x
+        if key in memo:
+            return memo[key]
+        if isinstance(x, types.FunctionType):
+            cells = tuple(types.CellType() for _ in x.__closure__ or ())
+            new = types.FunctionType(x.__code__, x.__globals__, x.__name__, None, cells or None)
+            memo[key] = new  # before the cells: a function may reach itself
+            for cell, old in zip(cells, x.__closure__ or (), strict=True):
+                with contextlib.suppress(ValueError):  # an empty cell stays empty
+                    cell.cell_contents = swap(old.cell_contents)
+            new.__defaults__ = swap(x.__defaults__)
+            new.__kwdefaults__ = swap(x.__kwdefaults__)
+            new.__dict__.update(x.__dict__)
+            new.__qualname__, new.__module__ = x.__qualname__, x.__module__
+            return new
+        if isinstance(x, functools.partial):
+            new = functools.partial(swap(x.func), *swap(x.args), **swap(x.keywords))
+        elif isinstance(x, dict):
+            new = type(x)((k, swap(v)) for k, v in x.items())
+        elif isinstance(x, tuple) and hasattr(type(x), "_make"):
+            new = type(x)._make(swap(v) for v in x)
+        else:  # tuple or list
+            new = type(x)(swap(v) for v in x)
+        memo[key] = new
+        return new
+
+    return swap(obj)
+
+
+def _children(x: Any) -> list[Any]:
+    """What `_substituted` looks through in `x`."""
+    if isinstance(x, types.FunctionType):
+        cells = []
+        for cell in x.__closure__ or ():
+            with contextlib.suppress(ValueError):
+                cells.append(cell.cell_contents)
+        return [*cells, x.__defaults__, x.__kwdefaults__]
+    if isinstance(x, functools.partial):
+        return [x.func, x.args, x.keywords]
+    if type(x) in (tuple, list, dict) or (isinstance(x, tuple) and hasattr(type(x), "_make")):
+        return list(x.values()) if isinstance(x, dict) else list(x)
+    return []
 
 
 def _free(x: jax.Array, mesh: Any) -> jax.Array:
