@@ -21,6 +21,10 @@ is written back into the same places: slower (the state moves), the same numbers
 
 Each device holds the state of the leaves it owns, padded to the largest row: about
 ``total / devices`` when the owners balance (they are chosen by estimated work, largest first).
+
+On meshes with Explicit axes ``state_placement="owner"`` makes the ordinary state (kept per
+parameter, owner compute still runs): the per-leaf functions close over values typed on the
+mesh, which `_owner.run` hoists into its `shard_map` and this module does not yet.
 """
 
 from __future__ import annotations
@@ -495,8 +499,8 @@ def place(
     their owners, for parameters `leaves` (the non-empty ones) on a mesh of several devices;
     None off such a mesh or when no leaf is owned."""
     mesh = _owner.mesh_of(leaves)
-    if mesh is None:
-        return None
+    if mesh is None or _owner._is_explicit(mesh):
+        return None  # Explicit meshes: the state stays per parameter (see the module docstring)
     directory = plan(calls, positions, mesh, cost)
     if directory is None:
         return None
