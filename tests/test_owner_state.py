@@ -168,6 +168,17 @@ def test_full_gpt_tree():
         assert entry["state_share"] <= 1.2
 
 
+@pytest.mark.slow
+def test_flax_nnx_loop():
+    """`nnx.Optimizer` under one `nnx.jit` with FSDP kernels on 8 devices: the owner-placed
+    state trains like the state kept per parameter, its buffers on their owners."""
+    r = _run(["soap_reference@8"], "--extras", "", "--nnx", timeout=1200)["nnx"]
+    assert r["ok"], r.get("traceback")
+    assert r["buffers"] >= 1 and r["rows_on_owners"]
+    np.testing.assert_allclose(r["owner"], r["parameter"], rtol=1e-6)
+    assert r["owner"][-1] < r["owner"][0]
+
+
 # --------------------------------------------------------------------------- one device
 
 
