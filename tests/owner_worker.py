@@ -28,6 +28,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -44,6 +45,8 @@ FAMILIES = {
     "soap_reference": lambda: rlx_optax.soap(3e-3, behaviour="reference", precond_freq=2),
     "kron": lambda: rlx_optax.kron_psgd(3e-3),
     "kron_reference": lambda: rlx_optax.kron_psgd(3e-3, behaviour="reference"),
+    # hyperparameters in the state: traced values the per-leaf function closes over
+    "soap_injected": lambda: optax.inject_hyperparams(rlx_optax.soap)(3e-3, b1=0.9, precond_freq=2),
     # 8-bit state (issue 21): block-wise codes along the last axis, under owner compute
     # (Muon's momentum) and under the compiler's partitioning (AdamW's moments)
     "muon_q8": lambda: rlx_optax.muon(3e-3, mu_dtype="q8"),

@@ -123,7 +123,7 @@ def test_quantized_state_on_a_mesh_matches_one_device(quantized_report, family, 
 EXPLICIT_FAMILIES = ("muon", "mars_shampoo", "stiefel", "soap", "kron")
 # `state_shardings` replicates SOAP's statistics and bases and Kron's factors on an Explicit
 # mesh (rlx_optax/_src/sharding.py), so their state is not split there
-REPLICATED_STATE = ("soap", "soap_reference", "kron", "kron_reference")
+REPLICATED_STATE = ("soap", "soap_reference", "soap_injected", "kron", "kron_reference")
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +182,9 @@ def test_smaller_meshes(mesh):
 
 @pytest.mark.slow
 def test_explicit_mesh_all_families():
-    """The reference variants and scanned Muon on the Explicit meshes."""
-    families = tuple(f for f in FAMILIES if f not in EXPLICIT_FAMILIES)
+    """The reference variants, scanned Muon and SOAP with injected hyperparameters (closed
+    over by its per-leaf function, typed on the mesh) on the Explicit meshes."""
+    families = (*(f for f in FAMILIES if f not in EXPLICIT_FAMILIES), "soap_injected")
     result = _run("8e,4x2e", families)
     for family, mesh in itertools.product(families, ("8e", "4x2e")):
         _check_explicit(result, family, mesh)

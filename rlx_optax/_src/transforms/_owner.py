@@ -37,16 +37,22 @@ own layout (no resharding before or after; the canonical one only where a spec d
 its shape) and gives every result of an argument's shape that argument's layout as its
 `shard_map` out_spec: updates and state come back typed with their parameter's and their own
 shardings, as Explicit mode requires. On a mesh of Explicit and Auto axes the types show the
-Explicit part of a layout; that part is kept, the Auto part is the compiler's. One limit: a
-`shard_map` cannot take in a value typed on an Explicit mesh that its body closes over (JAX
-raises ``NotImplementedError: Closing over inputs to shard_map where the input is sharded on
-`Explicit` axes``), and `jax.closure_convert` does not lift such values (booleans stay closed
-over, and the converted function replays a program typed on the Explicit mesh). Each leaf's
-function is traced once before the exchange (`_trace`, which also gives its result shapes); a
-leaf whose function closes over such a value (a traced bias correction, step count, refresh
-flag or injected hyperparameter: SOAP's and Kron's per-leaf functions) runs on the compiler's
-partitioned path instead, as every leaf did before; values passed as arguments (0-d arrays)
-travel into the exchange replicated and are fine.
+Explicit part of a layout; that part is kept, the Auto part is the compiler's.
+
+Values closed over on an Explicit mesh. A `shard_map` body cannot close over a value typed on
+an Explicit mesh (JAX raises ``NotImplementedError: Closing over inputs to shard_map where the
+input is sharded on `Explicit` axes``), and the per-leaf functions do: SOAP's bias corrections
+and refresh flags, Kron's update flag, any hyperparameter of `optax.inject_hyperparams`.
+`jax.closure_convert` does not lift them (it leaves integer and boolean values closed over,
+and its converted function replays a program typed on the Explicit mesh, which does not run
+inside the body). So each leaf's function is traced once before the exchange (`_trace`, which
+also gives its result shapes) to list the values it closes over that are typed on an Explicit
+mesh; they enter the `shard_map` as replicated operands (scalars, a few bytes), and inside it
+the caller's `local` runs as a copy whose closures hold those operands in their place
+(`_substituted`: through the closures and defaults of Python functions, `functools.partial`s
+and built-in containers). A second trace checks that the copy closes over none of them any
+more; a leaf where one is out of reach (held by another kind of object) runs on the
+compiler's partitioned path instead, as every leaf on an Explicit mesh did before.
 
 The per-leaf function is the one implementation; each owner runs it on the same whole matrices
 a single device would, so results do not depend on the mesh beyond the rounding of the
@@ -79,10 +85,9 @@ def owner_compute(enabled: bool = True) -> Iterator[None]:
 
     On by default. On a mesh of several devices, Muon, MARS-Shampoo, Stiefel, SOAP and Kron
     send each matrix to one owner device, compute it there and send the result back (see
-    ``docs/scaling.md``). On Auto meshes every family does; on meshes with Explicit axes the
-    exchange keeps each array's typed layout and Muon, MARS-Shampoo and Stiefel do, while SOAP
-    and Kron, whose per-leaf functions close over values traced on the mesh (a `shard_map`
-    cannot take those in), stay on the compiler's partitioning there. ``owner_compute(False)``
+    ``docs/scaling.md``), on meshes with Auto axes and with Explicit axes (there each array
+    is exchanged in the layout its type gives, and every result comes back typed with its
+    argument's sharding). ``owner_compute(False)``
     leaves the matrix work to the compiler's partitioning instead (the behaviour before 0.2;
     for comparisons). It acts while a step is traced, so wrap the first call of a jitted
     function, not its definition.
@@ -315,18 +320,22 @@ def run(
 
     owned = [i for i, info in enumerate(infos) if info["sent"]]
     everywhere = [i for i, info in enumerate(infos) if not info["sent"]]
-    # each owned leaf traced once: its result shapes, and whether its function closes over a
-    # value typed on an Explicit mesh (a traced bias correction, step count or injected
-    # hyperparameter), which no `shard_map` can take in; such a leaf stays on the partitioned
-    # path (see the module docstring)
-    shapes_of, hoisted = {}, {}
+    # each owned leaf traced once: its result shapes, and the values typed on an Explicit mesh
+    # that its function closes over (a traced bias correction, refresh flag or injected
+    # hyperparameter), which enter the `shard_map` as operands; a leaf whose closures cannot
+    # be rebound to them stays on the partitioned path (see the module docstring)
+    shapes_of, hoisted, checked = {}, {}, {}
     for i in list(owned):
         flat, struct = calls[i]
         shapes, closed_over = _trace(fn, struct, flat)
-        if closed_over and not _hoistable(fn, struct, flat, closed_over):
-            owned.remove(i)
-            everywhere.append(i)
-            continue
+        if closed_over:
+            key = (struct, tuple(_signature(x) for x in flat), tuple(map(id, closed_over)))
+            if key not in checked:
+                checked[key] = _hoistable(fn, struct, flat, closed_over)
+            if not checked[key]:
+                owned.remove(i)
+                everywhere.append(i)
+                continue
         shapes_of[i] = shapes
         hoisted.update((id(c), c) for c in closed_over)
     results: list[tuple | None] = [None] * len(calls)
@@ -532,6 +541,17 @@ def _trace(fn, struct, flat) -> tuple[Any, list[Any]]:
         *abstract
     )
     return shapes, [c for c in closed.consts if _on_explicit_mesh(c)]
+
+
+def _signature(x: Any) -> Any:
+    """What two leaves' arguments share when their functions trace alike."""
+    if _is_array(x):
+        return (tuple(np.shape(x)), str(x.dtype), bool(getattr(jax.typeof(x), "weak_type", 0)))
+    try:
+        hash(x)
+    except TypeError:
+        return ("object", id(x))
+    return ("static", type(x).__name__, x)
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
