@@ -59,32 +59,37 @@ def grads_tree(seed: int) -> dict:
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_every_code_is_the_nearest_code_of_its_block_scaled_value(signed):
+@pytest.mark.parametrize(("last", "size", "blocks"), [(700, 175, 4), (771, 256, 4)])
+def test_every_code_is_the_nearest_code_of_its_block_scaled_value(signed, last, size, blocks):
+    """700 = 175 * 4: four blocks of 175; 771 = 3 * 257 has no factor leaving a block of 32
+    to 256 elements: blocks of 256, the last one of 3 (zero-padded)."""
+    assert _lowbit.block_size(last) == size
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(5, 700)) * 10.0 ** rng.uniform(-9, 1, (5, 700))
+    x = rng.normal(size=(5, last)) * 10.0 ** rng.uniform(-9, 1, (5, last))
     x = x if signed else x**2
-    x[2, 256:512] = 0.0  # an all-zero block
+    x[2, size : 2 * size] = 0.0  # an all-zero block
     x = x.astype(np.float32)
     q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed)
     codes, scale = np.asarray(q.codes), np.asarray(q.scale, np.float64)
     assert codes.dtype == (np.int8 if signed else np.uint8) and codes.shape == x.shape
-    assert scale.shape == (5, 3)  # ceil(700 / 256) blocks along the last axis
+    assert scale.shape == (5, blocks)  # blocks along the last axis
     table = (_lowbit.signed_code() if signed else _lowbit.unsigned_code()).astype(np.float64)
     index = codes.astype(np.int64) + (127 if signed else 0)
     for row in range(5):
-        for blk in range(3):
-            part = x[row, blk * 256 : (blk + 1) * 256].astype(np.float64)
+        for blk in range(blocks):
+            cols = slice(blk * size, min((blk + 1) * size, last))
+            part = x[row, cols].astype(np.float64)
             assert scale[row, blk] == np.max(np.abs(part))  # the scale: the block's absmax
             if scale[row, blk] == 0:
                 continue
             y = part / scale[row, blk]
-            chosen = table[index[row, blk * 256 : (blk + 1) * 256]]
+            chosen = table[index[row, cols]]
             best = np.min(np.abs(y[:, None] - table[None, :]), axis=1)
             # nearest up to the float32 rounding of y (1 ulp at 1.0)
             np.testing.assert_array_less(np.abs(y - chosen) - best, 1.2e-7)
     back = np.asarray(rlx_optax.dequantize_blockwise(q))
-    np.testing.assert_array_equal(back[2, 256:512], 0.0)
-    want = table[index] * np.repeat(scale, 256, axis=1)[:, :700]
+    np.testing.assert_array_equal(back[2, size : 2 * size], 0.0)
+    want = table[index] * np.repeat(scale, size, axis=1)[:, :last]
     np.testing.assert_allclose(back, want, rtol=1e-6, atol=0)
 
 
@@ -200,8 +205,8 @@ def test_first_moment_scale_is_the_update_bound():
     v_old = np.asarray(rlx_optax.dequantize_blockwise(s.nu["w"]), np.float64)
     _, new = step(grads_tree(3), s)
 
-    def block_max(a):  # (64, 300): blocks of 256 and 44
-        return np.stack([np.abs(a[:, :256]).max(1), np.abs(a[:, 256:]).max(1)], axis=1)
+    def block_max(a):  # (64, 300): two blocks of 150
+        return np.abs(a).reshape(64, 2, 150).max(axis=-1)
 
     want = b1 * block_max(m_old) + (1 - b1) * block_max(g)
     np.testing.assert_allclose(np.asarray(new.mu["w"].scale), want, rtol=1e-6)
@@ -220,6 +225,47 @@ def test_blocks_never_cross_the_first_axis():
         shard = rlx_optax.quantize_blockwise(x[rows], signed=True)
         np.testing.assert_array_equal(shard.codes, whole.codes[rows])
         np.testing.assert_array_equal(shard.scale, whole.scale[rows])
+
+
+# (last axis, block size, the power-of-two shard counts of the last axis whose shards hold
+# whole blocks)
+SHARDED_LAST_AXES = [
+    (768, 192, (2, 4)),
+    (1024, 256, (2, 4)),
+    (3072, 192, (2, 4, 8, 16)),
+    (4096, 256, (2, 4, 8, 16)),
+    (300, 150, (2,)),
+    (1000, 250, (2, 4)),
+    (770, 77, (2,)),  # 2 * 385: the odd part above 256 split by 5
+    (50304, 131, (2, 4, 8, 16, 32, 64, 128)),  # 2^7 * 3 * 131
+]
+
+
+@pytest.mark.parametrize(("last", "size", "shards"), SHARDED_LAST_AXES)
+def test_blocks_never_cross_a_power_of_two_shard_boundary(last, size, shards):
+    """The column indices each block covers lie in one shard for every listed split of the
+    last axis into equal shards; one more halving (shards shorter than a block) would cut
+    a block. Each shard quantized alone gives the whole array's codes and scales there."""
+    assert _lowbit.block_size(last) == size
+    cols = np.asarray(_lowbit._blocks(jnp.arange(1, last + 1, dtype=jnp.float32))[0]) - 1
+    assert cols.shape == (last // size, size)  # the blocks tile the axis: no padding
+    x = jax.random.normal(jax.random.key(last), (3, last)) * jnp.exp(
+        4 * jax.random.normal(jax.random.key(1), (3, last))
+    )
+    whole = rlx_optax.quantize_blockwise(x, signed=True)
+    for n in shards:
+        width = last // n
+        assert np.all(cols[:, :1] // width == cols // width), n  # one shard per block
+        per_shard = (last // size) // n
+        for k in range(n):
+            part = rlx_optax.quantize_blockwise(x[:, k * width : (k + 1) * width], signed=True)
+            np.testing.assert_array_equal(part.codes, whole.codes[:, k * width : (k + 1) * width])
+            np.testing.assert_array_equal(
+                part.scale, whole.scale[:, k * per_shard : (k + 1) * per_shard]
+            )
+    n = 2 * shards[-1]
+    if last % n == 0:
+        assert not np.all(cols[:, :1] // (last // n) == cols // (last // n))
 
 
 # --------------------------------------------------------------------------- wiring

@@ -6,16 +6,17 @@ argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
 - ``None``: the parameter dtype (the default; the numbers are those of a float32 state);
 - a floating dtype (``jnp.bfloat16``, ``jnp.float32``): stored in it; a float32 result rounded
   into bfloat16 either to nearest or, with ``stochastic_rounding=True``, stochastically;
-- ``"q8"`` (`Q8`): 8-bit codes plus one float32 scale per block of `BLOCK` elements along the
-  last axis (`QuantizedArray`). First moments use a signed code with zero and a resolution
-  that falls with the distance below the block scale (as Dettmers et al.'s dynamic code),
-  second moments an unsigned small-float code without zero (5 exponent, 3 mantissa bits);
-  both are float32 values read off the float's bits, encoded to the nearest code by integer
-  arithmetic. The scale of a block is its largest magnitude, except for first moments in an
-  update: there it is a bound known before the new moment is (`ema_bound`: ``decay *
-  (largest stored magnitude) + weight * (largest increment)``), so that no pass over the
-  new moment has to precede its encoding. Leaves under
-  `MIN_QUANTIZED_SIZE` elements, leaves whose last axis is shorter than
+- ``"q8"`` (`Q8`): 8-bit codes plus one float32 scale per block of at most `BLOCK` elements
+  along the last axis (`QuantizedArray`; `block_size`: blocks never cross the boundary of
+  a power-of-two sharding of the last axis whose shards hold whole blocks). First moments
+  use a signed code with zero and a resolution that falls with the distance below the
+  block scale (as Dettmers et al.'s dynamic code), second moments an unsigned small-float
+  code without zero (5 exponent, 3 mantissa bits); both are float32 values read off the
+  float's bits, encoded to the nearest code by integer arithmetic. The scale of a block is
+  its largest magnitude, except for first moments in an update: there it is a bound known
+  before the new moment is (`ema_bound`: ``decay * (largest stored magnitude) + weight *
+  (largest increment)``), so that no pass over the new moment has to precede its encoding.
+  Leaves under `MIN_QUANTIZED_SIZE` elements, leaves whose last axis is shorter than
   `MIN_QUANTIZED_LAST_AXIS` and complex leaves are kept unquantized, in float32 (the
   compute dtype).
 
@@ -41,6 +42,9 @@ from rlx_optax._src import common
 Q8 = "q8"
 #: Elements per quantization block (along the last axis).
 BLOCK = 256
+#: Below this size a block would cost more in scales than it saves: `block_size` falls back
+#: to blocks of `BLOCK` elements (the last one shorter).
+_MIN_BLOCK = 32
 #: Leaves with fewer elements are kept unquantized (float32).
 MIN_QUANTIZED_SIZE = 4096
 #: Leaves whose last axis is shorter are kept unquantized (float32): one float32 scale per
@@ -125,13 +129,14 @@ def _log2_int(n: jax.Array) -> jax.Array:
 
 
 class QuantizedArray(NamedTuple):
-    """An array stored as 8-bit codes with one float32 scale per block of `BLOCK` elements.
+    """An array stored as 8-bit codes with one float32 scale per block of the last axis.
 
     `codes` has the array's shape: int8 for the signed code (first moments), uint8 for the
-    unsigned one (second moments). `scale` has shape ``shape[:-1] + (ceil(shape[-1] /
-    BLOCK),)``: an upper bound of the magnitudes of each block of the last axis (a block
-    never crosses a shard boundary of a sharding along any axis but the last). The value of
-    an element is ``code[c] * scale[block]``, and ``c`` is the code nearest to
+    unsigned one (second moments). `scale` has shape ``shape[:-1] + (ceil(shape[-1] / B),)``
+    with ``B = block_size(shape[-1])``: an upper bound of the magnitudes of each block of
+    the last axis (a block never crosses a shard boundary of a sharding along any other
+    axis, nor of a power-of-two sharding of the last axis whose shards hold whole blocks).
+    The value of an element is ``code[c] * scale[block]``, and ``c`` is the code nearest to
     ``min(|x| / scale, 1)`` (with the sign of ``x``). A pytree of two arrays (jit,
     checkpoints and `optax.tree` utilities see them as leaves).
     """
@@ -195,14 +200,41 @@ def _decode(codes: jax.Array) -> jax.Array:
     return jnp.where(c < 0, -v, v)
 
 
+@functools.cache
+def block_size(last: int) -> int:
+    """Elements per quantization block of a last axis of `last` elements.
+
+    `last` halved while it is above `BLOCK` and even; an odd part still above `BLOCK` is
+    divided by its smallest factor that brings it to at most `BLOCK` (blocks of `BLOCK`, the
+    last one shorter, when no such factor leaves `_MIN_BLOCK` or more). So ``last = B 2^k d``
+    (``d`` odd, 1 unless the odd part of `last` exceeds `BLOCK`), blocks start at multiples
+    of ``B``, and a shard boundary of the last axis split into ``2, 4, ..., 2^k`` equal parts
+    (at multiples of ``B d 2^(k-j)``) is always a block boundary: tensor-parallel shardings
+    of power-of-two sizes whose shards hold ``B d`` or more elements keep whole blocks, with
+    no knowledge of the mesh. For example 768 -> blocks of 192 (2 or 4 shards), 1024 -> 256
+    (2 or 4), 4096 -> 256 (up to 16), 300 -> 150 (2), 200 -> 200 (a single block).
+    """
+    b = last
+    while b > BLOCK and b % 2 == 0:
+        b //= 2
+    if b <= BLOCK:
+        return b
+    for d in range(3, b // _MIN_BLOCK + 1, 2):
+        if b % d == 0 and b // d <= BLOCK:
+            return b // d
+    return BLOCK
+
+
 def _blocks(x: jax.Array) -> tuple[jax.Array, int]:
-    """`x` zero-padded along the last axis and reshaped to ``(..., n_blocks, BLOCK)``."""
+    """`x` reshaped to ``(..., n_blocks, block_size)`` (zero-padded along the last axis when
+    the blocks do not divide it)."""
     last = x.shape[-1]
-    nb = -(-last // BLOCK)
-    pad = nb * BLOCK - last
+    size = block_size(last)
+    nb = -(-last // size)
+    pad = nb * size - last
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], nb, BLOCK), last
+    return x.reshape(*x.shape[:-1], nb, size), last
 
 
 def _unblocks(b: jax.Array, last: int) -> jax.Array:
@@ -264,7 +296,7 @@ def ema_bound(stored: Any, decay: Any, weight: Any, increment_absmax: jax.Array)
 def quantized_like(p: Any, signed: bool) -> QuantizedArray:
     """The all-zero quantized state of the shape of `p`."""
     shape = tuple(p.shape)
-    nb = -(-shape[-1] // BLOCK)
+    nb = -(-shape[-1] // block_size(shape[-1]))
     return QuantizedArray(
         codes=jnp.zeros(shape, jnp.int8 if signed else jnp.uint8),
         scale=jnp.zeros(shape[:-1] + (nb,), jnp.float32),
