@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.session_cache import once_per_session
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytest.importorskip("sklearn")
 pytest.importorskip("flax")
@@ -16,15 +18,21 @@ pytest.importorskip("flax")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `run.py --small` over the element-wise, memory and convergence modules."""
-    out = tmp_path_factory.mktemp("bench")
-    results = out / "RESULTS.md"
-    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(out / "json")}
-    cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
-    cmd += ["--modules", "elementwise", "memory", "convergence", "--algorithms", "adamw", "lion"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "json", results
+    """One `run.py --small` over the element-wise, memory, convergence and state-precision
+    convergence modules (`--algorithms` reaches the first three)."""
+
+    def run():
+        out = tmp_path_factory.mktemp("bench")
+        results = out / "RESULTS.md"
+        env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(out / "json")}
+        cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
+        cmd += ["--modules", "elementwise", "memory", "convergence", "precision_convergence"]
+        cmd += ["--algorithms", "adamw", "lion"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out / "json", results
+
+    return once_per_session(tmp_path_factory, "benchmarks_smoke", run)
 
 
 def test_elementwise_json(smoke):
@@ -109,10 +117,19 @@ def test_model_benchmark_json_and_section(tmp_path):
     assert "| muon | default (float32, HIGHEST) |" in text
 
 
-def test_lr_sweep_json_has_every_configuration(tmp_path):
+#: The configurations of the lr sweep in CI: an element-wise default, a matrix default and a
+#: reference preset (every configuration trains in the contract tests; all 21: -m slow).
+LR_SWEEP_CI = ["adamw", "muon", "kron_psgd/reference"]
+
+
+@pytest.mark.parametrize(
+    "subset", [pytest.param(True, id="ci"), pytest.param(False, id="all", marks=pytest.mark.slow)]
+)
+def test_lr_sweep_json_has_every_configuration(tmp_path, subset):
     """`benchmarks/lr_sweep.py --small` on the digits MLP: a row per configuration (the 15
-    defaults and the presets), every (rate, seed) final loss, the best rate one of the grid,
-    and the RESULTS.md table with a row per configuration."""
+    defaults and the presets; in CI the three of `LR_SWEEP_CI`), every (rate, seed) final
+    loss, the best rate one of the grid, and the RESULTS.md table with a row per
+    configuration."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import run
     from rlx_optax._src import registry
@@ -120,11 +137,14 @@ def test_lr_sweep_json_has_every_configuration(tmp_path):
     path = tmp_path / "lr_sweep.json"
     cmd = [sys.executable, "-m", "benchmarks.lr_sweep", "--small", "--problems", "digits"]
     cmd += ["--max-rates", "3", "--json", str(path)]
+    cmd += ["--only", *LR_SWEEP_CI] if subset else []
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(path.read_text())
     labels = [c.label for c in registry.configurations()]
     assert len(labels) == 21 and "kron_psgd/reference" in labels
+    if subset:
+        labels = [label for label in labels if label in LR_SWEEP_CI]
     results = data["problems"]["digits"]["results"]
     assert list(results) == labels
     for r in results.values():
@@ -165,16 +185,10 @@ def test_distributed_quick_muon_and_adamw(tmp_path):
     assert "## Sharded training" in text and "| fsdp8 | adamw |" in text
 
 
-def test_precision_convergence_section(tmp_path):
+def test_precision_convergence_section(smoke):
     """`run.py` runs the state-precision convergence module and renders its verdicts."""
-    results = tmp_path / "RESULTS.md"
-    env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(tmp_path / "json")}
-    cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
-    cmd += ["--modules", "precision_convergence"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = results.read_text()
+    text = smoke[1].read_text()
     assert "## State precision: convergence" in text
-    data = json.loads((tmp_path / "json" / "precision_convergence.json").read_text())
+    data = json.loads((smoke[0] / "precision_convergence.json").read_text())
     rows = data["problems"]["digits"]
     assert rows, "no digits results"

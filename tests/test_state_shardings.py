@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+from tests.session_cache import once_per_session
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""
@@ -101,8 +103,7 @@ print("STATE_SHARDINGS " + json.dumps(out))
 LABELS = ["adamw", "muon", "soap/reference", "kron_psgd/reference", "adafactor", "mars/shampoo"]
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def run_worker() -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     env["OPENBLAS_NUM_THREADS"] = "1"  # see docs/scaling.md
@@ -114,6 +115,11 @@ def report() -> dict:
     if proc.returncode != 0 or not lines:
         pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1].split(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return once_per_session(tmp_path_factory, "state_shardings_report", run_worker)
 
 
 #: Sharded runs that differ from one device by more than the family's tolerance whatever the
