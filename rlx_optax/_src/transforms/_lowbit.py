@@ -120,6 +120,8 @@ def unsigned_code() -> np.ndarray:
 
 #: The smallest nonzero magnitude of the signed code.
 _SIGNED_SMALLEST = float(signed_code()[128])
+#: The largest float32 below 1.
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
 
 
 def _log2_int(n: jax.Array) -> jax.Array:
@@ -162,23 +164,22 @@ def _encode(y: jax.Array, signed: bool) -> jax.Array:
     the next code. Below the smallest code the signed code picks zero or the smallest code,
     the unsigned one (no zero) the smallest code.
     """
-    a = jnp.minimum(jnp.abs(y), 1.0)
-    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
     if not signed:
+        bits = jax.lax.bitcast_convert_type(jnp.minimum(y, 1.0), jnp.int32)
         c = ((bits + ((1 << (_UNSIGNED_SHIFT - 1)) - 1)) >> _UNSIGNED_SHIFT) - _UNSIGNED_OFFSET
         return jnp.maximum(c, 0).astype(jnp.uint8)
-    # binade b (a in [2^-(b+1), 2^-b)), tier t = floor(log2(b + 1)) of 2^(5-t) values per
-    # binade; binades from 15 on (tier 4) lie below the smallest code
-    binade = jnp.clip(126 - (bits >> 23), 0, 15)
-    tier = _log2_int(binade + 1)
-    shift = 18 + tier  # the mantissa bits below the code's resolution
-    q = ((bits & 0x7FFFFF) + (jnp.left_shift(1, shift - 1) - 1)) >> shift  # 0 ..= 2^(5-t)
-    # codes at or above this binade's first value: 32 per tier above, then the binades of
-    # this tier down to this one
-    above = _SIGNED_TIER * tier + jnp.left_shift(binade - jnp.left_shift(1, tier) + 2, 5 - tier)
-    c = _SIGNED_TOP - above + q
-    c = jnp.where(bits >= _ONE_BITS, _SIGNED_TOP, c)
-    c = jnp.where(c > 0, c, (a + a > _SIGNED_SMALLEST).astype(jnp.int32))
+    # |y| below 1 (1 itself is the carry out of the largest float below it)
+    a = jnp.minimum(jnp.abs(y), _BELOW_ONE)
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+    # binade b: a in [2^-(b+1), 2^-b); tier t = floor(log2(b + 1)) keeps 5 - t mantissa
+    # bits; binades from 15 on (tier 4) lie below the smallest code
+    tier = _log2_int(jnp.minimum(127 - (bits >> 23), 16))
+    # the bits rounded to 5 - t mantissa bits, as an index that counts 2^(5-t) per binade,
+    # less the index of 1.0 at that resolution: the codes of tier t run from 1.0 downwards
+    # 32 per tier (the constant puts 1.0 at 127)
+    rounded = (bits + (jnp.left_shift(1 << 17, tier) - 1)) >> (18 + tier)
+    c = rounded - jnp.right_shift(4096, tier) - 32 * tier + 159
+    c = jnp.maximum(c, (a + a > _SIGNED_SMALLEST).astype(jnp.int32))  # zero or the smallest
     return jnp.where(y < 0, -c, c).astype(jnp.int8)
 
 
@@ -188,15 +189,11 @@ def _decode(codes: jax.Array) -> jax.Array:
     if codes.dtype != jnp.int8:
         return jax.lax.bitcast_convert_type((c + _UNSIGNED_OFFSET) << _UNSIGNED_SHIFT, jnp.float32)
     m = jnp.abs(c)
-    rank = (_SIGNED_TOP - 1) - m  # 0 for the value just below 1, descending
-    tier = rank >> 5
-    width = 5 - tier
-    pos = rank & (_SIGNED_TIER - 1)
-    binade = jnp.left_shift(1, tier) - 1 + (pos >> width)
-    mantissa = jnp.left_shift(1, width) - 1 - (pos & (jnp.left_shift(1, width) - 1))
-    bits = ((126 - binade) << 23) | jnp.left_shift(mantissa, 23 - width)
-    v = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    v = jnp.where(m == _SIGNED_TOP, 1.0, jnp.where(m == 0, 0.0, v))
+    # the encoder's index inverted; a tier's first value (0.5, 0.125, 2^-7) is also the
+    # carry of the tier below, so either tier gives its bits
+    tier = (_SIGNED_TOP - m) >> 5
+    bits = (m + jnp.right_shift(4096, tier) + 32 * tier - 159) << (18 + tier)
+    v = jnp.where(m == 0, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
     return jnp.where(c < 0, -v, v)
 
 
