@@ -79,7 +79,11 @@ CONFIGS: dict[str, tuple[str, bool]] = {
     "soap/freq1": ("rlx_optax.soap(LR, precond_freq=1)", True),
     "kron_psgd/p1": ("rlx_optax.kron_psgd(LR, update_probability=1.0)", True),
     "kron_psgd/reference": ('rlx_optax.kron_psgd(LR, behaviour="reference")', True),
-    # the preconditioner state kept on the owner devices (state_placement="owner")
+    # the matrix state kept on the owner devices (state_placement="owner")
+    "stiefel/owner-state": (
+        'rlx_optax.stiefel(LR, momentum=0.9, state_placement="owner")',
+        True,
+    ),
     "soap/owner-state": ('rlx_optax.soap(LR, state_placement="owner")', True),
     "kron_psgd/p1/owner-state": (
         'rlx_optax.kron_psgd(LR, update_probability=1.0, state_placement="owner")',
