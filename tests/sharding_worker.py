@@ -4,6 +4,7 @@
 starts, so it cannot be changed inside the pytest process). Usage::
 
     python tests/sharding_worker.py --mesh auto|explicit [--only adamw,lion]
+        [--variant-layouts ci|all]
 
 For each algorithm and mesh kind it builds one parameter tree whose leaves carry every layout
 of `LAYOUTS` (matrices sharded on rows, on columns and on both, replicated matrices, vectors
@@ -25,7 +26,8 @@ replicated and sharded, a scalar, a 3-D leaf), and checks:
 
 When the combined tree fails with an exception, each layout is run alone to say which fail.
 With the Explicit mesh, `VARIANTS` (options of the matrix families whose code paths the
-contract options skip) are run the same way and reported under ``variants``.
+contract options skip) are run the same way, on `VARIANT_LAYOUTS` (every layout with
+``--variant-layouts all``), and reported under ``variants``.
 The last line of stdout is ``SHARDING_REPORT <json>``.
 """
 
@@ -250,8 +252,8 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
-def run_algorithm(row, mesh) -> dict:
-    names = list(LAYOUTS)
+def run_algorithm(row, mesh, names: list[str] | None = None) -> dict:
+    names = list(LAYOUTS) if names is None else names
     try:
         return run_sharded(row, names, mesh, reference=REFERENCES.get(row.name))
     except Exception as exc:  # one layout at a time, to say which ones fail
@@ -371,8 +373,14 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def run_variants(names: list[str]) -> dict:
-    """Every `VARIANTS` entry of the algorithms in `names` on an Explicit mesh."""
+#: The layouts the variants run on in CI: rows, columns, both, a tall matrix whose long side
+#: the reference variant leaves unrotated, a sharded vector and the 3-D leaf (``--variant-layouts
+#: all`` adds the wide and replicated matrices, the replicated vector and the scalar: slow).
+VARIANT_LAYOUTS = ["w_rows", "w_cols", "w_both", "w_tall", "b_sharded", "t_sharded"]
+
+
+def run_variants(names: list[str], layouts: list[str]) -> dict:
+    """Every `VARIANTS` entry of the algorithms in `names` on an Explicit mesh, on `layouts`."""
     mesh = make_mesh("explicit")
     out: dict = {}
     for name in names:
@@ -382,7 +390,7 @@ def run_variants(names: list[str]) -> dict:
             )
             REFERENCES.pop(row.name, None)
             start = time.perf_counter()
-            result = run_algorithm(row, mesh)
+            result = run_algorithm(row, mesh, layouts)
             result["seconds"] = round(time.perf_counter() - start, 2)
             out[f"{name}:{label}"] = result
     return out
@@ -392,6 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mesh", default="auto,explicit", help="comma-separated mesh kinds")
     parser.add_argument("--only", default="", help="comma-separated algorithm names")
+    parser.add_argument("--variant-layouts", default="ci", choices=["ci", "all"])
     args = parser.parse_args()
     if jax.device_count() != 8:
         raise SystemExit(f"expected 8 devices, got {jax.device_count()}")
@@ -416,7 +425,8 @@ def main() -> None:
             report["stiefel_owner_state"] = stiefel_owner_state(mesh)
         if kind == "explicit":
             report["muon_comparison"] = optax_muon_comparison(mesh)
-            report["variants"] = run_variants([row.name for row in rows])
+            layouts = VARIANT_LAYOUTS if args.variant_layouts == "ci" else list(LAYOUTS)
+            report["variants"] = run_variants([row.name for row in rows], layouts)
     sys.stdout.flush()
     print("SHARDING_REPORT " + json.dumps(report))
 

@@ -25,14 +25,14 @@ KINDS = ("auto", "explicit")
 TIMEOUT_S = 900
 
 
-def run_worker() -> dict:
+def run_worker(*args: str) -> dict:
     # one OpenBLAS thread: concurrent LAPACK calls from the 8 device threads into a threaded
     # OpenBLAS can stall past XLA's collective timeout (rlx_optax warns; docs/scaling.md)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env["OPENBLAS_NUM_THREADS"] = "1"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, str(WORKER), "--mesh", ",".join(KINDS)],
+        [sys.executable, str(WORKER), "--mesh", ",".join(KINDS), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -61,16 +61,41 @@ def test_sharded_matches_single_device(report, kind, name):
     assert result["state_leaves_checked"] == result["state_leaves_checked_init"]
 
 
-@pytest.mark.parametrize(
-    "variant", ["soap:rotated", "soap:reference", "kron_psgd:reference_diagonal"]
-)
-def test_matrix_family_options_on_explicit_mesh(report, variant):
-    """SOAP rotating every axis (Gram, rotation, QR refresh with its permuted second moment)
-    and Kron with the reference's diagonal factors, on an Explicit mesh."""
+VARIANTS = ["soap:rotated", "soap:reference", "kron_psgd:reference_diagonal"]
+
+
+def check_variant(report: dict, variant: str) -> None:
     result = report["variants"][variant]
     detail = "\n".join(result["problems"]) + "\n" + result.get("traceback", "")
     assert result["ok"], f"{variant}:\n{detail}"
     assert result["state_leaves_checked"] == result["state_leaves_checked_init"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matrix_family_options_on_explicit_mesh(report, variant):
+    """SOAP rotating every axis (Gram, rotation, QR refresh with its permuted second moment)
+    and Kron with the reference's diagonal factors, on an Explicit mesh (the worker's
+    `VARIANT_LAYOUTS`: matrices split on rows, columns and both, tall, a vector, 3-D)."""
+    check_variant(report, variant)
+
+
+@pytest.fixture(scope="module")
+def every_layout_report(tmp_path_factory) -> dict:
+    return once_per_session(
+        tmp_path_factory,
+        "sharding_variants_every_layout",
+        lambda: run_worker("--only", "soap,kron_psgd", "--variant-layouts", "all"),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matrix_family_options_on_explicit_mesh_every_layout(every_layout_report, variant):
+    """The same on every layout of the worker (wide and replicated matrices, the replicated
+    vector and the scalar too)."""
+    check_variant(every_layout_report, variant)
+    layouts = every_layout_report["variants"][variant]["layouts"]
+    assert layouts == list(every_layout_report["layouts"])
 
 
 def test_stiefel_momentum_kept_on_owner_devices(report):
