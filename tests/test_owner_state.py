@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import rlx_optax
+from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("owner_state_worker.py")
 ROOT = WORKER.parent.parent
@@ -61,8 +62,11 @@ def _run(cases: list[str], *extra: str, timeout: float = 840) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
-    return _run([f"{f}@{m}" for f, m in CASES])
+def report(tmp_path_factory) -> dict:
+    # one worker process per session, whichever xdist worker asks first
+    return once_per_session(
+        tmp_path_factory, "owner_state", lambda: _run([f"{f}@{m}" for f, m in CASES])
+    )
 
 
 @pytest.mark.parametrize(("family", "mesh"), CASES)
