@@ -1,15 +1,25 @@
 """Step time of low-precision optimizer state relative to float32 (issue 21).
 
 A jitted, donated ``update + apply_updates`` of AdamW (and a few other families) on the
-transformer tree of `benchmarks/model.py` (d=256, 4 layers: 3.15M float32 parameters), with
+transformer tree of `benchmarks/model.py` (``--size cpu``, the default: d=256, 4 layers,
+3.15M float32 parameters; ``--size gpu``: d=1024, 24 layers, 302M, for an accelerator), with
 the moments stored in float32, bfloat16 with stochastic rounding, and 8-bit block-wise
 (``"q8"``). The configurations are timed in one process, interleaved round by round
 (paired), and each round's time is divided by the float32 time of the same round; the table
 gives the median ratio over the rounds. Also times `quantize_blockwise` and
 `dequantize_blockwise` alone, per element.
 
-Run: ``python benchmarks/precision_speed.py [--rounds N] [--only adamw lion ...]``; writes
-``benchmarks/out/precision_speed.json``.
+What bounds the 8-bit step on a CPU: XLA runs a block maximum as a reduction over a
+materialised array, never fused with the elementwise pass that produces it, and it does not
+merge the parameter update and the encoding into one pass (no multi-output fusion). So a
+first moment is decoded twice (once for the update, once to encode the new moment, whose
+block scale comes from two small reductions over the gradient and the stored codes), and a
+second moment, whose scale is its exact block maximum, is also materialised in float32 for
+its reduction. The float32 step is one pass over memory; the 8-bit one is three to five,
+each with integer work per element.
+
+Run: ``python benchmarks/precision_speed.py [--rounds N] [--only adamw lion ...] [--size
+cpu|gpu]``; writes ``benchmarks/out/precision_speed.json``.
 """
 
 from __future__ import annotations
@@ -105,8 +115,8 @@ def time_codec(n: int, rounds: int) -> dict[str, float]:
     return out
 
 
-def run(names: list[str] | None, rounds: int, iters: int) -> dict[str, Any]:
-    d, layers = model.SIZES["cpu"]
+def run(names: list[str] | None, rounds: int, iters: int, size: str = "cpu") -> dict[str, Any]:
+    d, layers = model.SIZES[size]
     params = model.random_tree(model.model_shapes(d, layers), 0, 0.02)
     grads = model.random_tree(model.model_shapes(d, layers), 1, 1e-2)
     results = []
@@ -128,6 +138,7 @@ def run(names: list[str] | None, rounds: int, iters: int) -> dict[str, Any]:
     return {
         "benchmark": "precision_speed",
         "device": jax.devices()[0].device_kind,
+        "size": size,
         "n_params": sum(x.size for x in jax.tree.leaves(params)),
         "rounds": rounds,
         "iters": iters,
@@ -148,8 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="families (default: all)")
+    ap.add_argument("--size", choices=sorted(model.SIZES), default="cpu", help="model tree")
     args = ap.parse_args(argv)
-    payload = run(args.only, args.rounds, args.iters)
+    payload = run(args.only, args.rounds, args.iters, args.size)
     path = harness.write_json("precision_speed", payload)
     print(table(payload))
     print({k: round(v, 2) for k, v in payload["codec"].items()}, "ns/element")

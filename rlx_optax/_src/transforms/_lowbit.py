@@ -40,7 +40,7 @@ from rlx_optax._src import common
 
 #: The dtype-like value that selects 8-bit block-wise quantized storage.
 Q8 = "q8"
-#: Elements per quantization block (along the last axis).
+#: The most elements per quantization block (along the last axis; `block_size`).
 BLOCK = 256
 #: Below this size a block would cost more in scales than it saves: `block_size` falls back
 #: to blocks of `BLOCK` elements (the last one shorter).
@@ -73,7 +73,6 @@ _BASE_SEED = 0x5EED
 # ``2^e (1 + k/8)`` from ``1.125 * 2^-32`` to 1: a second moment needs range (its values
 # span the squares of the gradients' range) more than resolution near the top (its square
 # root halves relative errors).
-_SIGNED_TIER = 32  # values per tier
 _SIGNED_TOP = 127  # the code of 1.0
 _UNSIGNED_SHIFT = 20
 _ONE_BITS = 0x3F800000  # float32 1.0
