@@ -87,10 +87,9 @@ def owner_compute(enabled: bool = True) -> Iterator[None]:
     send each matrix to one owner device, compute it there and send the result back (see
     ``docs/scaling.md``), on meshes with Auto axes and with Explicit axes (there each array
     is exchanged in the layout its type gives, and every result comes back typed with its
-    argument's sharding). ``owner_compute(False)``
-    leaves the matrix work to the compiler's partitioning instead (the behaviour before 0.2;
-    for comparisons). It acts while a step is traced, so wrap the first call of a jitted
-    function, not its definition.
+    argument's sharding). ``owner_compute(False)`` leaves the matrix work to the compiler's
+    partitioning instead (the behaviour before 0.2; for comparisons). It acts while a step is
+    traced, so wrap the first call of a jitted function, not its definition.
 
     Example:
       >>> import rlx_optax
@@ -524,12 +523,6 @@ def _flat_call(fn, struct, flat, positions):
         return tuple(fn(*jax.tree.unflatten(struct, full)))
 
     return call
-
-
-def _eval_shape(fn, struct, flat):
-    positions = [j for j, x in enumerate(flat) if _is_array(x)]
-    abstract = [jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) for j in positions]
-    return jax.eval_shape(_flat_call(fn, struct, flat, positions), *abstract)
 
 
 def _trace(fn, struct, flat) -> tuple[Any, list[Any]]:
