@@ -192,8 +192,9 @@ def _decode(codes: jax.Array) -> jax.Array:
     # carry of the tier below, so either tier gives its bits
     tier = (_SIGNED_TOP - m) >> 5
     bits = (m + jnp.right_shift(4096, tier) + 32 * tier - 159) << (18 + tier)
-    v = jnp.where(m == 0, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
-    return jnp.where(c < 0, -v, v)
+    # zero, and the sign bit of the code as the float's (a select of -v was 1.4x slower)
+    bits = jnp.where(m == 0, 0, bits) | (c & jnp.int32(-(2**31)))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 @functools.cache
