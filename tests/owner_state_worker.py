@@ -47,6 +47,8 @@ FAMILIES = {
     ),
     "kron": lambda **kw: rlx_optax.kron_psgd(3e-3, **kw),
     "kron_reference": lambda **kw: rlx_optax.kron_psgd(3e-3, behaviour="reference", **kw),
+    # its momentum, projected and retracted with each matrix
+    "stiefel": lambda **kw: rlx_optax.stiefel(0.1, momentum=0.9, **kw),
 }
 BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1}
 

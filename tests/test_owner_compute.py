@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from rlx_optax._src.transforms import _owner
+from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("owner_worker.py")
 ROOT = WORKER.parent.parent
@@ -71,9 +72,10 @@ def _run(meshes: str, families: tuple[str, ...], *extra: str, timeout: float = 8
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
+# each worker run once per session, whichever xdist worker asks first (tests/session_cache.py)
 @pytest.fixture(scope="module")
-def report() -> dict:
-    return _run("8,4x2", FAMILIES)
+def report(tmp_path_factory) -> dict:
+    return once_per_session(tmp_path_factory, "owner_auto", lambda: _run("8,4x2", FAMILIES))
 
 
 def _check(
@@ -106,9 +108,13 @@ def test_mesh_matches_one_device(report, family, mesh):
 
 
 @pytest.fixture(scope="module")
-def quantized_report() -> dict:
+def quantized_report(tmp_path_factory) -> dict:
     # width 64: the matrices have >= 4096 elements, so their moments are quantized
-    return _run("8,4x2", ("muon_q8", "adamw_q8"), "--width", "64")
+    return once_per_session(
+        tmp_path_factory,
+        "owner_q8",
+        lambda: _run("8,4x2", ("muon_q8", "adamw_q8"), "--width", "64"),
+    )
 
 
 @pytest.mark.parametrize("mesh", ["8", "4x2"])
@@ -121,14 +127,16 @@ def test_quantized_state_on_a_mesh_matches_one_device(quantized_report, family, 
 # Explicit meshes (FSDP rows on 8; rows and columns on 4 x 2); the reference variants and
 # scanned Muon are `slow` there
 EXPLICIT_FAMILIES = ("muon", "mars_shampoo", "stiefel", "soap", "kron")
-# `state_shardings` replicates SOAP's statistics and bases and Kron's factors on an Explicit
-# mesh (rlx_optax/_src/sharding.py), so their state is not split there
-REPLICATED_STATE = ("soap", "soap_reference", "soap_injected", "kron", "kron_reference")
+# families whose `state_shardings` state is not split (none: every family's per-axis matrices
+# are split over the mesh, on Explicit meshes too)
+REPLICATED_STATE: tuple[str, ...] = ()
 
 
 @pytest.fixture(scope="module")
-def explicit_report() -> dict:
-    return _run("8e,4x2e", EXPLICIT_FAMILIES)
+def explicit_report(tmp_path_factory) -> dict:
+    return once_per_session(
+        tmp_path_factory, "owner_explicit", lambda: _run("8e,4x2e", EXPLICIT_FAMILIES)
+    )
 
 
 def _check_explicit(report: dict, family: str, mesh: str) -> None:

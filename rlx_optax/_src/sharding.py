@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlx_optax._src.transforms import _resident
@@ -33,13 +33,11 @@ def state_shardings(
       parameter's shape (moments, momentum, the previous gradient) takes the parameter's
       sharding;
     * a leaf kept for a parameter with another shape (SOAP's statistics and eigenbases, Kron's
-      factors, Adafactor's row and column factors) is split along its first axis on an Auto
-      mesh: over all mesh axes when the device count divides it (the layout in which owner
-      compute exchanges it, so the exchange needs no resharding and every device holds about
-      1/P of it), else over the mesh axes that split the parameter's first axis when they
-      divide it; it is replicated otherwise, and on an Explicit mesh, where the matrix
-      families compute these matrices replicated (their layouts are part of the array types
-      there);
+      factors, Adafactor's row and column factors) is split along its first axis: over all
+      mesh axes when the device count divides it (the layout in which owner compute exchanges
+      it, so the exchange needs no resharding and every device holds about 1/P of it), else
+      over the mesh axes that split the parameter's first axis when they divide it; it is
+      replicated otherwise;
     * the codes and block scales of an 8-bit moment (`QuantizedArray`) count as kept for its
       parameter: the codes take the parameter's sharding, the scales the rule above;
     * the buffers of a state made with ``state_placement="owner"`` (`OwnerPlacedState`) are
@@ -105,8 +103,6 @@ def state_shardings(
         shape, sharding = found
         if tuple(leaf.shape) == shape:
             return sharding
-        if AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
-            return replicated
         axes = tuple(mesh.axis_names)
         if leaf.shape[0] % mesh.size == 0 and leaf.shape[0] >= mesh.size:
             return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))

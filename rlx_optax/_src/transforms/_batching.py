@@ -176,10 +176,18 @@ def grouped_map(
 
 def _resident_map(fn, args, mesh, local, owned, n_out):
     """`grouped_map` with owner-resident state (see there)."""
-    if mesh is not None:
-        return _resident.run(fn, n_out, args, mesh, local, owned)
-    # no owner compute here: read the state out, compute as usual, write it back in place
     positions = owned.directory.positions
+    if mesh is not None:
+        resident = {e.leaf for e in owned.directory.entries}
+        calls = [
+            jax.tree.flatten(
+                tuple(None if n in resident and k in positions else x for k, x in enumerate(a))
+            )
+            for n, a in enumerate(args)
+        ]
+        results, buffers = _owner.run(fn, n_out, calls, mesh, local, store=owned)
+        return results, _resident.OwnedBuffers(buffers, owned.directory)
+    # no owner compute here: read the state out, compute as usual, write it back in place
     values = _resident.unpack(owned)
     full = []
     for n, a in enumerate(args):

@@ -297,16 +297,33 @@ def run(
     mesh: Any,
     local: Callable[[list[tuple[list[Any], Any]]], list[tuple]],
     cost: Callable[[list[Any]], float] | None = None,
-) -> list[tuple]:
+    store: Any = None,
+) -> Any:
     """``fn`` applied to every leaf's arguments, each on its owner device of `mesh`.
 
     `calls` holds one ``(flat_args, struct)`` per leaf (``jax.tree.unflatten(struct, flat_args)``
     are the arguments of `fn`). `local(calls)` runs a list of leaves on one device (the caller
     may batch same-shaped ones). Returns `fn`'s result tuple per leaf.
+
+    With `store` (the `_resident.OwnedBuffers` of a state made with ``state_placement=
+    "owner"``), the leaves of its directory are owned by the devices it names and their
+    arguments at its positions (None in `calls`) are their state: each owner reads it from its
+    own row of the store's buffers and writes the new state back there, so only the other
+    arguments and results travel; the leaves outside the directory run on every device.
+    Returns the results (None at those positions) and the new buffers.
     """
     names = tuple(mesh.axis_names)
     devices = math.prod(mesh.shape[a] for a in names)
     axis = names if len(names) > 1 else names[0]
+    resident = {} if store is None else {e.leaf: e for e in store.directory.entries}
+    positions = () if store is None else store.directory.positions
+
+    def with_state(i: int, flat: list[Any], state: Any) -> tuple[list[Any], Any]:
+        """The whole arguments of resident leaf `i`: its moving ones and its `state`."""
+        args = list(jax.tree.unflatten(calls[i][1], flat))
+        for k, value in zip(positions, state, strict=True):
+            args[k] = value
+        return jax.tree.flatten(tuple(args))
 
     # static description of every leaf: which flat args are arrays, their layouts
     infos = []
@@ -317,8 +334,11 @@ def run(
         sent = [j for j in arrays if not layouts[j].replicated]
         infos.append({"arrays": arrays, "specs": specs, "layouts": layouts, "sent": sent})
 
-    owned = [i for i, info in enumerate(infos) if info["sent"]]
-    everywhere = [i for i, info in enumerate(infos) if not info["sent"]]
+    if store is None:
+        owned = [i for i, info in enumerate(infos) if info["sent"]]
+    else:  # the state's owners were chosen when it was made
+        owned = [i for i in range(len(calls)) if i in resident]
+    everywhere = [i for i in range(len(calls)) if i not in owned]
     # each owned leaf traced once: its result shapes, and the values typed on an Explicit mesh
     # that its function closes over (a traced bias correction, refresh flag or injected
     # hyperparameter), which enter the `shard_map` as operands; a leaf whose closures cannot
@@ -326,12 +346,20 @@ def run(
     shapes_of, hoisted, checked = {}, {}, {}
     for i in list(owned):
         flat, struct = calls[i]
+        if i in resident:
+            flat, struct = with_state(i, flat, _state_shapes(resident[i]))
         shapes, closed_over = _trace(fn, struct, flat)
         if closed_over:
             key = (struct, tuple(_signature(x) for x in flat), tuple(map(id, closed_over)))
             if key not in checked:
                 checked[key] = _hoistable(fn, struct, flat, closed_over)
             if not checked[key]:
+                if i in resident:
+                    raise ValueError(
+                        "state_placement='owner': a per-leaf function closes over a value "
+                        "typed on this Explicit mesh that cannot be passed to its owner; "
+                        "make the state with state_placement='parameter'"
+                    )
                 owned.remove(i)
                 everywhere.append(i)
                 continue
@@ -342,11 +370,14 @@ def run(
         for i, r in zip(everywhere, local([calls[i] for i in everywhere]), strict=True):
             results[i] = r
     if not owned:
-        return results  # type: ignore[return-value]
+        return results if store is None else (results, list(store.buffers))
 
-    cost = cost or leaf_cost
-    costs = [cost([calls[i][0][j] for j in infos[i]["arrays"]]) for i in owned]
-    owner_of = dict(zip(owned, assign_owners(costs, devices), strict=True))
+    if store is None:
+        cost = cost or leaf_cost
+        costs = [cost([calls[i][0][j] for j in infos[i]["arrays"]]) for i in owned]
+        owner_of = dict(zip(owned, assign_owners(costs, devices), strict=True))
+    else:
+        owner_of = {i: resident[i].owner for i in owned}
 
     # result shapes, and each result's layout (the argument's at the same position when the
     # shapes agree, else canonical)
@@ -357,6 +388,9 @@ def run(
         args = jax.tree.unflatten(struct, flat)
         per_out = []
         for k in range(n_out):
+            if i in resident and k in positions:
+                per_out.append(None)  # the new state: written to the owner's row
+                continue
             out_leaves, out_def = jax.tree.flatten(shapes[k])
             like = args[k] if k < len(args) else None
             like_leaves, like_def = jax.tree.flatten(like) if like is not None else ([], None)
@@ -405,7 +439,7 @@ def run(
     in_offsets, in_width = plan(in_entries)
     out_entries = []
     for i in owned:
-        for k, (_, leaves, _, layouts, _) in enumerate(out_info[i]):
+        for k, (_, leaves, _, layouts, _) in _moving(out_info[i]):
             for n, o in enumerate(leaves):
                 out_entries.append(
                     (owner_of[i], (i, k, n), jnp.dtype(o.dtype), layouts[n].block_size)
@@ -427,9 +461,15 @@ def run(
     for c in hoisted.values():
         operands.append(c)
         operand_specs.append(P())
+    # and the store's buffers, row d on device d
+    first_buffer = len(operands)
+    row_spec = P(axis, None)
+    if store is not None:
+        operands.extend(store.buffers)
+        operand_specs.extend([row_spec] * len(store.buffers))
     result_specs = []
     for i in owned:
-        for _, _, specs, _, _ in out_info[i]:
+        for _, (_, _, specs, _, _) in _moving(out_info[i]):
             result_specs.extend(specs)
 
     def body(*blocks):
@@ -449,6 +489,7 @@ def run(
         def branch(d):
             def compute(received, blocks):
                 mine = [i for i in owned if owner_of[i] == d]
+                rows = [b[0] for b in blocks[first_buffer:]]
                 local_calls = []
                 for i in mine:
                     flat, struct = calls[i]
@@ -461,56 +502,108 @@ def run(
                         buf = received[in_dtypes.index(jnp.dtype(flat[j].dtype))]
                         at = in_offsets[(i, j)]
                         flat[j] = layout.assemble(buf[:, at : at + layout.block_size])
+                    if i in resident:
+                        flat, struct = with_state(i, flat, _read_state(resident[i], store, rows))
                     local_calls.append((flat, struct))
-                inner = dict(zip(hoisted, blocks[first_hoisted:], strict=True))
+                inner = dict(zip(hoisted, blocks[first_hoisted:first_buffer], strict=True))
                 run_local = _substituted(local, inner) if inner else local
                 outs = run_local(local_calls) if local_calls else []
                 sendback = {dt: [[] for _ in range(devices)] for dt in out_dtypes}
+                written: dict[str, list[jax.Array]] = {}
                 for i, result in zip(mine, outs, strict=True):
-                    for k, (_, _, _, layouts, _) in enumerate(out_info[i]):
+                    if i in resident:
+                        _write_state(resident[i], [result[k] for k in positions], written)
+                    for k, (_, _, _, layouts, _) in _moving(out_info[i]):
                         for n, o in enumerate(jax.tree.leaves(result[k])):
-                            rows = layouts[n].split(o)
+                            split = layouts[n].split(o)
                             dt = jnp.dtype(o.dtype)
                             for dst in range(devices):
-                                sendback[dt][dst].append(rows[dst])
-                return [
+                                sendback[dt][dst].append(split[dst])
+                packed = [
                     jnp.stack([_pad(parts, out_width[dt], dt) for parts in sendback[dt]])
                     for dt in out_dtypes
                 ]
+                if store is None:
+                    return packed, []
+                new_rows = [
+                    _pad(written[dt], width, dt) if dt in written else row
+                    for dt, width, row in zip(
+                        store.directory.dtypes, store.directory.widths, rows, strict=True
+                    )
+                ]
+                return packed, new_rows
 
             return compute
 
         me = lax.axis_index(axis)
-        packed = lax.switch(me, [branch(d) for d in range(devices)], received, list(blocks))
+        packed, new_rows = lax.switch(
+            me, [branch(d) for d in range(devices)], received, list(blocks)
+        )
 
         # 3. back to every device: its block of every result
         back = [lax.all_to_all(b, axis, 0, 0, tiled=True) for b in packed]
         outs = []
         for i in owned:
-            for k, (_, leaves, _, layouts, _) in enumerate(out_info[i]):
+            for k, (_, leaves, _, layouts, _) in _moving(out_info[i]):
                 for n, o in enumerate(leaves):
                     buf = back[out_dtypes.index(jnp.dtype(o.dtype))]
                     at = out_offsets[(i, k, n)]
                     size = layouts[n].block_size
                     outs.append(buf[owner_of[i], at : at + size].reshape(layouts[n].block))
-        return tuple(outs)
+        return (*outs, *(row[None] for row in new_rows))
 
+    n_buffers = 0 if store is None else len(store.buffers)
     flat_results = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=tuple(operand_specs),
-        out_specs=tuple(result_specs),
+        out_specs=(*result_specs, *([row_spec] * n_buffers)),
         check_vma=False,
     )(*[_enter(x, spec, mesh) for x, spec in zip(operands, operand_specs, strict=True)])
-    it = iter(flat_results)
+    it = iter(flat_results[: len(result_specs)])
     for i in owned:
         result = []
-        for out_def, leaves, _, _, likes in out_info[i]:
+        for out in out_info[i]:
+            if out is None:
+                result.append(None)
+                continue
+            out_def, leaves, _, _, likes = out
             values = [next(it) for _ in leaves]
             values = [_layout_like(v, like, mesh) for v, like in zip(values, likes, strict=True)]
             result.append(jax.tree.unflatten(out_def, values))
         results[i] = tuple(result)
-    return results  # type: ignore[return-value]
+    if store is None:
+        return results
+    return results, list(flat_results[len(result_specs) :])
+
+
+def _moving(per_out: list[Any]) -> list[tuple[int, Any]]:
+    """The results that travel back (index, layout info): all but a resident leaf's state."""
+    return [(k, out) for k, out in enumerate(per_out) if out is not None]
+
+
+def _state_shapes(entry: Any) -> Any:
+    """A resident leaf's state as `jax.ShapeDtypeStruct`s (from its `_resident.Entry`)."""
+    leaves = [jax.ShapeDtypeStruct(s, jnp.dtype(dt)) for s, dt, _ in entry.arrays]
+    return jax.tree.unflatten(entry.struct, leaves)
+
+
+def _read_state(entry: Any, store: Any, rows: list[jax.Array]) -> Any:
+    """A resident leaf's state, read from the owner's rows (one per dtype of the store)."""
+    dtypes = store.directory.dtypes
+    leaves = [
+        rows[dtypes.index(dt)][at : at + math.prod(s)].reshape(s) for s, dt, at in entry.arrays
+    ]
+    return jax.tree.unflatten(entry.struct, leaves)
+
+
+def _write_state(entry: Any, state: list[Any], written: dict[str, list[jax.Array]]) -> None:
+    """Append a resident leaf's new state to the owner's new rows, in the directory's order."""
+    leaves, struct = jax.tree.flatten(tuple(state))
+    if struct != entry.struct:
+        raise ValueError(f"the per-leaf state changed structure: {struct} != {entry.struct}")
+    for x, (_, dt, _) in zip(leaves, entry.arrays, strict=True):
+        written.setdefault(dt, []).append(jnp.ravel(x).astype(dt))
 
 
 def _flat_call(fn, struct, flat, positions):
@@ -528,7 +621,7 @@ def _flat_call(fn, struct, flat, positions):
 def _trace(fn, struct, flat) -> tuple[Any, list[Any]]:
     """`fn`'s result shapes on the arrays of `flat`, and the values typed on a mesh with
     Explicit axes that it closes over (a `shard_map` cannot take them in)."""
-    positions = [j for j, x in enumerate(flat) if _is_array(x)]
+    positions = [j for j, x in enumerate(flat) if _is_input(x)]
     abstract = [_abstract(flat[j]) for j in positions]
     closed, shapes = jax.make_jaxpr(_flat_call(fn, struct, flat, positions), return_shape=True)(
         *abstract
@@ -538,8 +631,9 @@ def _trace(fn, struct, flat) -> tuple[Any, list[Any]]:
 
 def _signature(x: Any) -> Any:
     """What two leaves' arguments share when their functions trace alike."""
-    if _is_array(x):
-        return (tuple(np.shape(x)), str(x.dtype), bool(getattr(jax.typeof(x), "weak_type", 0)))
+    if _is_input(x):
+        a = _abstract(x)
+        return (tuple(a.shape), str(a.dtype), bool(a.weak_type))
     try:
         hash(x)
     except TypeError:
@@ -547,7 +641,14 @@ def _signature(x: Any) -> Any:
     return ("static", type(x).__name__, x)
 
 
+def _is_input(x: Any) -> bool:
+    """An array argument, or the shape of one (a resident leaf's state while tracing)."""
+    return _is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
     weak = bool(getattr(jax.typeof(x), "weak_type", False))
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
 
@@ -560,7 +661,7 @@ def _on_explicit_mesh(x: Any) -> bool:
 def _hoistable(fn, struct, flat, closed_over: list[Any]) -> bool:
     """Whether `fn`, its closures bound to arguments in place of `closed_over` (through
     `_substituted`), closes over no value typed on an Explicit mesh any more."""
-    positions = [j for j, x in enumerate(flat) if _is_array(x)]
+    positions = [j for j, x in enumerate(flat) if _is_input(x)]
     call = _flat_call(fn, struct, flat, positions)
 
     def bound(values, *arrays):

@@ -22,9 +22,8 @@ is written back into the same places: slower (the state moves), the same numbers
 Each device holds the state of the leaves it owns, padded to the largest row: about
 ``total / devices`` when the owners balance (they are chosen by estimated work, largest first).
 
-On meshes with Explicit axes ``state_placement="owner"`` makes the ordinary state (kept per
-parameter, owner compute still runs): the per-leaf functions close over values typed on the
-mesh, which `_owner.run` hoists into its `shard_map` and this module does not yet.
+The step itself is `_owner.run` with the buffers as its `store`: the same exchange, the same
+per-leaf code, on Auto and Explicit meshes alike.
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -205,13 +202,6 @@ def unpack(owned: OwnedBuffers) -> dict[int, Any]:
     return out
 
 
-def abstract(entry: Entry) -> Any:
-    """The leaf's state tuple as `jax.ShapeDtypeStruct`s."""
-    return jax.tree.unflatten(
-        entry.struct, [jax.ShapeDtypeStruct(s, jnp.dtype(dt)) for s, dt, _ in entry.arrays]
-    )
-
-
 def check_mesh(owned: OwnedBuffers, mesh: Any, algorithm: str) -> None:
     """Refuse a step on a mesh of another size than the one the state was made for."""
     made = owned.directory.mesh
@@ -223,260 +213,6 @@ def check_mesh(owned: OwnedBuffers, mesh: Any, algorithm: str) -> None:
             f"{devices} devices ({dict(made)}), but update runs on {now} devices; make the "
             "state again with init on this mesh"
         )
-
-
-def _eval_shape(fn: Callable[..., tuple], struct: Any, flat: list[Any]) -> Any:
-    """The result shapes of `fn` on ``unflatten(struct, flat)``; arrays and
-    `jax.ShapeDtypeStruct`s of `flat` are its abstract inputs, the rest static."""
-    where = [
-        j for j, x in enumerate(flat) if isinstance(x, jax.ShapeDtypeStruct) or _owner._is_array(x)
-    ]
-
-    def call(*arrays):
-        full = list(flat)
-        for j, a in zip(where, arrays, strict=True):
-            full[j] = a
-        return tuple(fn(*jax.tree.unflatten(struct, full)))
-
-    return jax.eval_shape(
-        call, *[jax.ShapeDtypeStruct(flat[j].shape, flat[j].dtype) for j in where]
-    )
-
-
-def _store(value: Any, like_dtype: str) -> jax.Array:
-    return jnp.ravel(value).astype(like_dtype)
-
-
-def run(
-    fn: Callable[..., tuple],
-    n_out: int,
-    calls: list[tuple[Any, ...]],
-    mesh: Any,
-    local: Callable[[list[tuple[list[Any], Any]]], list[tuple]],
-    owned: OwnedBuffers,
-) -> tuple[list[tuple], OwnedBuffers]:
-    """`fn` on every leaf's argument tuple in `calls`; the owned leaves on their owners, with
-    their state (the arguments at the directory's positions) read from and written to their
-    owner's row of `owned`. Returns `fn`'s results per leaf (None at the positions for the owned
-    leaves) and the new buffers."""
-    d = owned.directory
-    positions = d.positions
-    devices = math.prod(mesh.shape[a] for a in mesh.axis_names)
-    axis = _axis(mesh)
-    entry_of = {e.leaf: e for e in d.entries}
-
-    results: list[tuple | None] = [None] * len(calls)
-    rest = [n for n in range(len(calls)) if n not in entry_of]
-    if rest:
-        flat_calls = [jax.tree.flatten(calls[n]) for n in rest]
-        for n, r in zip(rest, local(flat_calls), strict=True):
-            results[n] = r
-
-    # the owned leaves' moving arguments (every argument but the state), and their layouts
-    def moving(n: int) -> tuple[list[Any], Any]:
-        args = tuple(None if k in positions else a for k, a in enumerate(calls[n]))
-        return jax.tree.flatten(args)
-
-    info = {}
-    for e in d.entries:
-        flat, struct = moving(e.leaf)
-        arrays = [j for j, x in enumerate(flat) if _owner._is_array(x)]
-        specs = {j: _owner._in_spec(flat[j], mesh) for j in arrays}
-        layouts = {j: _owner._Layout(tuple(flat[j].shape), specs[j], mesh) for j in arrays}
-        sent = [j for j in arrays if not layouts[j].replicated]
-        info[e.leaf] = (flat, struct, arrays, specs, layouts, sent)
-
-    def full_args(e: Entry, flat: list[Any], state: Any) -> tuple[list[Any], Any]:
-        args = list(jax.tree.unflatten(info[e.leaf][1], flat))
-        for k, s in zip(positions, state, strict=True):
-            args[k] = s
-        return jax.tree.flatten(tuple(args))
-
-    # the moving results: their shapes and layouts (like the argument at their position)
-    out_info = {}
-    for e in d.entries:
-        flat, struct, *_ = info[e.leaf]
-        full, full_struct = full_args(e, flat, abstract(e))
-        shapes = _eval_shape(fn, full_struct, full)
-        args = calls[e.leaf]
-        per_out = []
-        for k in range(n_out):
-            if k in positions:
-                per_out.append(None)
-                continue
-            leaves, treedef = jax.tree.flatten(shapes[k])
-            like = args[k] if k < len(args) else None
-            like_leaves = jax.tree.leaves(like) if like is not None else []
-            same = (
-                like is not None
-                and jax.tree.structure(like) == treedef
-                and all(
-                    _owner._is_array(a) and tuple(a.shape) == tuple(o.shape)
-                    for a, o in zip(like_leaves, leaves, strict=True)
-                )
-            )
-            specs = [
-                P()
-                if np.ndim(o) == 0 or _owner._is_key(o)
-                else _owner._in_spec(like_leaves[m], mesh)
-                if same
-                else _owner.canonical_spec(o.shape, mesh)
-                for m, o in enumerate(leaves)
-            ]
-            layouts = [
-                _owner._Layout(tuple(o.shape), s, mesh) for o, s in zip(leaves, specs, strict=True)
-            ]
-            per_out.append((treedef, leaves, specs, layouts, like_leaves if same else None))
-        out_info[e.leaf] = per_out
-
-    def packing(items):  # (owner, key, dtype, size) -> offsets within the owner's chunk, widths
-        offsets, fill = {}, {}
-        for owner, key, dt, size in items:
-            at = fill.get((owner, dt), 0)
-            offsets[key] = at
-            fill[(owner, dt)] = at + size
-        widths: dict[str, int] = {}
-        for (_, dt), w in fill.items():
-            widths[dt] = max(widths.get(dt, 0), w)
-        return offsets, widths
-
-    in_offsets, in_width = packing(
-        [
-            (e.owner, (e.leaf, j), jnp.dtype(info[e.leaf][0][j].dtype).name, lay.block_size)
-            for e in d.entries
-            for j, lay in info[e.leaf][4].items()
-            if j in info[e.leaf][5]
-        ]
-    )
-    out_offsets, out_width = packing(
-        [
-            (e.owner, (e.leaf, k, m), jnp.dtype(o.dtype).name, out[3][m].block_size)
-            for e in d.entries
-            for k, out in enumerate(out_info[e.leaf])
-            if out is not None
-            for m, o in enumerate(out[1])
-        ]
-    )
-    in_dtypes, out_dtypes = sorted(in_width), sorted(out_width)
-
-    operands, operand_specs, where = [], [], {}
-    for e in d.entries:
-        flat, _, arrays, specs, _, _ = info[e.leaf]
-        for j in arrays:
-            where[(e.leaf, j)] = len(operands)
-            operands.append(flat[j])
-            operand_specs.append(specs[j])
-    n_moving = len(operands)
-    row_spec = P(axis, None)
-    result_specs = [s for e in d.entries for out in out_info[e.leaf] if out for s in out[2]]
-
-    def body(*blocks):
-        rows = [b[0] for b in blocks[n_moving:]]
-        send = {dt: [[] for _ in range(devices)] for dt in in_dtypes}
-        for e in d.entries:
-            for j in info[e.leaf][5]:
-                b = blocks[where[(e.leaf, j)]]
-                send[jnp.dtype(b.dtype).name][e.owner].append(b.reshape(-1))
-        received = [
-            lax.all_to_all(
-                jnp.stack([_owner._pad(p, in_width[dt], dt) for p in send[dt]]),
-                axis,
-                0,
-                0,
-                tiled=True,
-            )
-            for dt in in_dtypes
-        ]
-
-        def branch(dev):
-            def compute(received, blocks, rows):
-                mine = [e for e in d.entries if e.owner == dev]
-                local_calls = []
-                for e in mine:
-                    flat, _, arrays, _, layouts, _ = info[e.leaf]
-                    flat = list(flat)
-                    for j in arrays:
-                        if layouts[j].replicated:
-                            flat[j] = blocks[where[(e.leaf, j)]]
-                            continue
-                        buf = received[in_dtypes.index(jnp.dtype(flat[j].dtype).name)]
-                        at = in_offsets[(e.leaf, j)]
-                        flat[j] = layouts[j].assemble(buf[:, at : at + layouts[j].block_size])
-                    state = []
-                    for shape, dt, at in e.arrays:
-                        row = rows[d.dtypes.index(dt)]
-                        state.append(row[at : at + math.prod(shape)].reshape(shape))
-                    local_calls.append(full_args(e, flat, jax.tree.unflatten(e.struct, state)))
-                outs = local(local_calls) if local_calls else []
-                sendback = {dt: [[] for _ in range(devices)] for dt in out_dtypes}
-                new_parts: dict[str, list[jax.Array]] = {dt: [] for dt in d.dtypes}
-                for e, result in zip(mine, outs, strict=True):
-                    state = tuple(result[k] for k in positions)
-                    leaves, struct = jax.tree.flatten(state)
-                    if struct != e.struct:
-                        raise AssertionError(f"state structure changed: {struct} != {e.struct}")
-                    for x, (_, dt, _) in zip(leaves, e.arrays, strict=True):
-                        new_parts[dt].append(_store(x, dt))
-                    for k, out in enumerate(out_info[e.leaf]):
-                        if out is None:
-                            continue
-                        for m, o in enumerate(jax.tree.leaves(result[k])):
-                            split = out[3][m].split(o)
-                            for dst in range(devices):
-                                sendback[jnp.dtype(o.dtype).name][dst].append(split[dst])
-                new_rows = [
-                    _owner._pad(new_parts[dt], w, dt) if new_parts[dt] else rows[t]
-                    for t, (dt, w) in enumerate(zip(d.dtypes, d.widths, strict=True))
-                ]
-                back = [
-                    jnp.stack([_owner._pad(p, out_width[dt], dt) for p in sendback[dt]])
-                    for dt in out_dtypes
-                ]
-                return back, new_rows
-
-            return compute
-
-        me = lax.axis_index(axis)
-        back, new_rows = lax.switch(
-            me, [branch(dev) for dev in range(devices)], received, list(blocks), rows
-        )
-        back = [lax.all_to_all(b, axis, 0, 0, tiled=True) for b in back]
-        outs = []
-        for e in d.entries:
-            for k, out in enumerate(out_info[e.leaf]):
-                if out is None:
-                    continue
-                for m, o in enumerate(out[1]):
-                    buf = back[out_dtypes.index(jnp.dtype(o.dtype).name)]
-                    at = out_offsets[(e.leaf, k, m)]
-                    size = out[3][m].block_size
-                    outs.append(buf[e.owner, at : at + size].reshape(out[3][m].block))
-        return (*outs, *(r[None] for r in new_rows))
-
-    flat_results = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(*operand_specs, *([row_spec] * len(owned.buffers))),
-        out_specs=(*result_specs, *([row_spec] * len(owned.buffers))),
-        check_vma=False,
-    )(*[_owner._free(x, mesh) for x in operands], *owned.buffers)
-    it = iter(flat_results[: len(result_specs)])
-    for e in d.entries:
-        result = []
-        for out in out_info[e.leaf]:
-            if out is None:
-                result.append(None)
-                continue
-            treedef, leaves, _, _, likes = out
-            values = [next(it) for _ in leaves]
-            if likes is not None:
-                values = [
-                    _owner._layout_like(v, lk, mesh) for v, lk in zip(values, likes, strict=True)
-                ]
-            result.append(jax.tree.unflatten(treedef, values))
-        results[e.leaf] = tuple(result)
-    new = OwnedBuffers(flat_results[len(result_specs) :], d)
-    return results, new  # type: ignore[return-value]
 
 
 def _concrete_mesh(arrays: Sequence[Any]) -> Any:
@@ -499,8 +235,8 @@ def place(
     their owners, for parameters `leaves` (the non-empty ones) on a mesh of several devices;
     None off such a mesh or when no leaf is owned."""
     mesh = _owner.mesh_of(leaves)
-    if mesh is None or _owner._is_explicit(mesh):
-        return None  # Explicit meshes: the state stays per parameter (see the module docstring)
+    if mesh is None:
+        return None
     directory = plan(calls, positions, mesh, cost)
     if directory is None:
         return None
