@@ -11,20 +11,16 @@ larger tree are `slow`.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from rlx_optax._src.transforms import _owner
+from tests import device_workers
 from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("owner_worker.py")
-ROOT = WORKER.parent.parent
 FAMILIES = (
     "muon",
     "muon_reference",
@@ -45,31 +41,10 @@ TOLERANCE = 1e-4
 
 
 def _run(meshes: str, families: tuple[str, ...], *extra: str, timeout: float = 840) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(WORKER),
-            "--meshes",
-            meshes,
-            "--families",
-            ",".join(families),
-            "--timeout",
-            str(timeout - 30),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
+    command = [str(WORKER), "--meshes", meshes, "--families", ",".join(families)]
+    return device_workers.report(
+        [*command, "--timeout", str(timeout - 30), *extra], "OWNER_REPORT", timeout
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OWNER_REPORT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 # each worker run once per session, whichever xdist worker asks first (tests/session_cache.py)

@@ -10,11 +10,7 @@ the compiled program's all-to-alls (bytes from the HLO) and the arrays' own shar
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +18,10 @@ import numpy as np
 import pytest
 
 import rlx_optax
+from tests import device_workers
 from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("owner_state_worker.py")
-ROOT = WORKER.parent.parent
 # CI: the reference SOAP and SOAP with 8-bit moments and a bfloat16 preconditioner on the Auto
 # FSDP mesh, the reference Kron on the Explicit 4 x 2 mesh ("e": Explicit axes); `slow`: the
 # crate's defaults, Stiefel, and the other meshes
@@ -39,29 +35,8 @@ BYTES_TARGET = 3.0  # per step, the all-to-alls' bytes over a device's parameter
 
 
 def _run(cases: list[str], *extra: str, timeout: float = 840) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(WORKER),
-            "--cases",
-            ",".join(cases),
-            "--timeout",
-            str(timeout - 30),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OWNER_STATE_REPORT ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("OWNER_STATE_REPORT "))
+    command = [str(WORKER), "--cases", ",".join(cases), "--timeout", str(timeout - 30), *extra]
+    return device_workers.report(command, "OWNER_STATE_REPORT", timeout)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +181,9 @@ def test_one_device_is_the_parameter_placement(make):
 
 
 @pytest.mark.parametrize(
-    "factory", [rlx_optax.soap, rlx_optax.scale_by_soap, rlx_optax.kron_psgd], ids=str
+    "factory",
+    [rlx_optax.soap, rlx_optax.scale_by_soap, rlx_optax.kron_psgd, rlx_optax.stiefel],
+    ids=lambda f: f.__name__,
 )
 def test_unknown_placement_is_refused(factory):
     args = () if factory is rlx_optax.scale_by_soap else (1e-2,)

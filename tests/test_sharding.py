@@ -8,7 +8,6 @@ tests below read their row of it. See the worker's docstring for what is checked
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +16,7 @@ import sys
 import pytest
 
 from rlx_optax._src import registry
+from tests import device_workers
 from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
@@ -26,23 +26,8 @@ TIMEOUT_S = 900
 
 
 def run_worker(*args: str) -> dict:
-    # one OpenBLAS thread: concurrent LAPACK calls from the 8 device threads into a threaded
-    # OpenBLAS can stall past XLA's collective timeout (rlx_optax warns; docs/scaling.md)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--mesh", ",".join(KINDS), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=TIMEOUT_S,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SHARDING_REPORT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])
+    command = [str(WORKER), "--mesh", ",".join(KINDS), *args]
+    return device_workers.report(command, "SHARDING_REPORT", TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

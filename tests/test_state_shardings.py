@@ -12,16 +12,11 @@ ideal (total / 8).
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from tests import device_workers
 from tests.session_cache import once_per_session
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, os
@@ -104,17 +99,9 @@ LABELS = ["adamw", "muon", "soap/reference", "kron_psgd/reference", "adafactor",
 
 
 def run_worker() -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)
-    env["OPENBLAS_NUM_THREADS"] = "1"  # see docs/scaling.md
-    env["LABELS"] = json.dumps(LABELS)
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER], capture_output=True, text=True, env=env, timeout=600
+    return device_workers.report(
+        ["-c", WORKER], "STATE_SHARDINGS", 600, {"LABELS": json.dumps(LABELS)}
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATE_SHARDINGS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 @pytest.fixture(scope="module")
