@@ -90,24 +90,8 @@ def rows_on_owners(owned, mesh) -> bool:
 
 def train(tx, params, mesh=None, steps=ow.STEPS):
     """`steps` jitted updates from `tx.init`; (updates, state, compiled HLO, params placed)."""
-    grads = [ow.gradients(params, k) for k in range(steps)]
-    if mesh is None:
-        place = lambda t: t  # noqa: E731
-        state = tx.init(params)
-    else:
-        shardings = jax.tree.map(lambda p: NamedSharding(mesh, ow.spec_of(p, mesh)), params)
-        place = lambda t: jax.device_put(t, shardings)  # noqa: E731
-        state = jax.jit(tx.init, out_shardings=rlx_optax.state_shardings(tx, params, shardings))(
-            place(params)
-        )
-    step = jax.jit(tx.update)
-    p = place(params)
-    hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
-    updates = []
-    for g in grads:
-        u, state = step(place(g), state, p)
-        updates.append(jax.device_get(u))
-    return updates, state, hlo, p
+    out = ow.train(tx, params, mesh, steps=steps)
+    return [jax.device_get(u) for u in out["updates"]], out["state"], out["hlo"], out["params"]
 
 
 def place_on(mesh, tree):

@@ -174,9 +174,13 @@ def kept(values, shardings) -> bool:
     return all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in pairs)
 
 
-def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
-    tx = FAMILIES[name]()
-    grads = [jax.tree.map(lambda g: g * nudge, gradients(params, k)) for k in range(STEPS)]
+def train(tx, params: dict, mesh=None, nudge: float = 1.0, steps: int = STEPS) -> dict:
+    """`steps` updates of `tx` in one jitted function from its `init`, on one device or on
+    `mesh` (parameters placed by `spec_of`, the state by `rlx_optax.state_shardings`): the
+    updates, the final state, the compiled mesh program's HLO, the placed parameters, and on
+    a mesh the state's share at init and whether every layout was kept."""
+    grads = [jax.tree.map(lambda g: g * nudge, gradients(params, k)) for k in range(steps)]
+    out: dict = {}
     if mesh is None:
         place = lambda t: t  # noqa: E731
         state = tx.init(params)
@@ -185,7 +189,7 @@ def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, o
         place = lambda t: jax.device_put(t, shardings)  # noqa: E731
         state_shardings = rlx_optax.state_shardings(tx, params, shardings)
         state = jax.jit(tx.init, out_shardings=state_shardings)(place(params))
-        SHARES[name] = state_share(state)
+        out["share"] = state_share(state)
     step = jax.jit(tx.update)
     p = place(params)
     hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
@@ -194,8 +198,15 @@ def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, o
         u, state = step(place(g), state, p)
         updates.append(u)
     if mesh is not None:  # every update in its parameter's layout, every state leaf in its own
-        KEPT[name] = kept(updates[-1], shardings) and kept(state, state_shardings)
-    return updates, state, hlo
+        out["kept"] = kept(updates[-1], shardings) and kept(state, state_shardings)
+    return {**out, "updates": updates, "state": state, "hlo": hlo, "params": p}
+
+
+def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
+    out = train(FAMILIES[name](), params, mesh, nudge)
+    if mesh is not None:
+        SHARES[name], KEPT[name] = out["share"], out["kept"]
+    return out["updates"], out["state"], out["hlo"]
 
 
 def loop_probe() -> list[int]:
