@@ -20,6 +20,12 @@ def _mesh_axes_size(mesh: Any, entry: Any) -> int:
     return math.prod(mesh.shape[name] for name in names)
 
 
+def _is_block_scale(path: tuple) -> bool:
+    """Whether a state leaf is the block scales of an 8-bit moment (`QuantizedArray.scale`)."""
+    key = path[-1] if path else None
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "scale"
+
+
 def state_shardings(
     tx: optax.GradientTransformation, params: Any, param_shardings: Any = None
 ) -> Any:
@@ -39,7 +45,8 @@ def state_shardings(
       over the mesh axes that split the parameter's first axis when they divide it; it is
       replicated otherwise;
     * the codes and block scales of an 8-bit moment (`QuantizedArray`) count as kept for its
-      parameter: the codes take the parameter's sharding, the scales the rule above;
+      parameter: the codes take the parameter's sharding, the scales (one per block of the
+      last axis) too, their last axis split only where its shards hold whole blocks;
     * the buffers of a state made with ``state_placement="owner"`` (`OwnerPlacedState`) are
       split along their first axis over all mesh axes: row ``d`` on device ``d``;
     * everything else (step counts, PRNG keys, hyperparameters) is replicated.
@@ -103,10 +110,17 @@ def state_shardings(
         shape, sharding = found
         if tuple(leaf.shape) == shape:
             return sharding
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        if _is_block_scale(path) and tuple(leaf.shape[:-1]) == shape[:-1]:
+            # one value per block of the last axis (an 8-bit moment's scales): the parameter's
+            # layout, the last axis split only where the shards hold whole blocks
+            last = spec[-1]
+            if last is not None and leaf.shape[-1] % _mesh_axes_size(mesh, last):
+                last = None
+            return NamedSharding(mesh, P(*spec[:-1], last))
         axes = tuple(mesh.axis_names)
         if leaf.shape[0] % mesh.size == 0 and leaf.shape[0] >= mesh.size:
             return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
-        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
         first = spec[0] if spec else None
         if first is not None and leaf.shape[0] % _mesh_axes_size(mesh, first) == 0:
             return NamedSharding(mesh, P(first))
