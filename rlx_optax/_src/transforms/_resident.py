@@ -92,10 +92,14 @@ class OwnedBuffers:
 
 
 class OwnerPlacedState(NamedTuple):
-    """State of a matrix family made with ``state_placement="owner"`` on a mesh.
+    """State of SOAP, Kron or Stiefel made with ``state_placement="owner"`` on a mesh.
 
-    `inner` is the family's own state with None at the places of the owned leaves; `owned`
-    holds those leaves' state on their owner devices (`OwnedBuffers`).
+    `inner` is the family's own state (`SoapState`, `KronPsgdState`, `StiefelState`) with None
+    at the places of the leaves computed on owner devices. `owned` holds those leaves' state:
+    one ``(devices, width)`` buffer per dtype, split over all mesh axes so that row ``d`` lives
+    on device ``d``, with the static directory of which leaf's arrays lie where (it depends on
+    the mesh's device count). Place it with `rlx_optax.state_shardings`; see
+    docs/scaling.md.
     """
 
     inner: Any
