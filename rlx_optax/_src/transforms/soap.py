@@ -468,6 +468,13 @@ def scale_by_soap(
                 for t in (state.mu, state.nu)
             )
 
+        def store_moments(m, v, m_stored, v_stored, i):  # into their storage (8-bit, bf16)
+            sr = dict(stochastic=stochastic_rounding, step=count, leaf=i)
+            return (
+                _lowbit.write(m, m_stored, salt=_lowbit.SALT_MU, **sr),
+                _lowbit.write(v, v_stored, salt=_lowbit.SALT_NU, **sr),
+            )
+
         def stored_leaf(g, mw, vw, stats, bases):  # preconditioner in `precond_dtype`
             ct = common.compute_dtype(g.dtype)
             out = leaf(g, mw, vw, _lowbit.widened(stats, ct), _lowbit.widened(bases, ct))
@@ -483,9 +490,7 @@ def scale_by_soap(
                 mw, vw = (_lowbit.read(ms, ct), _lowbit.read(vs, ct)) if widen else (ms, vs)
                 u, m, v, stats, bases = inner_leaf(g, mw, vw, stats, bases)
                 if widen:
-                    sr = dict(stochastic=stochastic_rounding, step=count, leaf=i)
-                    m = _lowbit.write(m, ms, salt=_lowbit.SALT_MU, **sr)
-                    v = _lowbit.write(v, vs, salt=_lowbit.SALT_NU, **sr)
+                    m, v = store_moments(m, v, ms, vs, i)
                 return u, m, v, stats, bases
 
             u, mu, nu, stats, bases, owned = _batching.grouped_map(
@@ -522,14 +527,9 @@ def scale_by_soap(
         if widen:
             index = _lowbit.leaf_indices(updates)
 
-            def store(g, m, v, m_s, v_s, i):
-                sr = dict(stochastic=stochastic_rounding, step=count, leaf=i)
-                return (
-                    _lowbit.write(m, m_s, salt=_lowbit.SALT_MU, **sr),
-                    _lowbit.write(v, v_s, salt=_lowbit.SALT_NU, **sr),
-                )
-
-            mu, nu = common.tree_map_multi(store, 2, updates, mu, nu, state.mu, state.nu, index)
+            mu, nu = common.tree_map_multi(
+                lambda g, *rest: store_moments(*rest), 2, updates, mu, nu, state.mu, state.nu, index
+            )
         return u, SoapState(
             count=count,
             mu=optax.tree.cast_like(mu, state.mu),
