@@ -15,11 +15,14 @@ the jitted ``update + apply_updates`` that donates params and state:
   not it runs (LAMB's masked-norm fallback, taken only for non-finite gradients).
 
 ``--precision`` instead tabulates the state bytes per parameter of every family with its
-moments in float32 (the default), bfloat16 (stochastic rounding) and 8-bit block-wise (``"q8"``)
-storage, where the family offers it, on the transformer tree of `benchmarks/model.py` (d=256,
-4 layers: 3.1M parameters); the bytes are counted from the state pytree itself (every array
-leaf, the per-block scales of quantized moments included). Writes
-``benchmarks/out/memory_precision.json``.
+moments in float32 (the default), bfloat16 (stochastic rounding), 8-bit block-wise (``"q8"``)
+and 4-bit block-wise (``"q4"``) storage, where the family offers it, on the transformer tree of
+`benchmarks/model.py` (d=256, 4 layers: 3.1M parameters); the bytes are counted from the state
+pytree itself (every array leaf, the per-block scales of quantized moments included), each
+element at its dtype's bit width: a 4-bit code counts half a byte (JAX's ``nbytes`` and
+``itemsize`` say one byte, but XLA stores int4 two per byte). AdamW's q4 state is also sized
+by XLA's compiled memory analysis of its jitted ``init`` (``adamw_q4_compiled``), as a check
+of that count. Writes ``benchmarks/out/memory_precision.json``.
 
 Run: ``python benchmarks/memory.py [--small] [--precision]``; writes
 ``benchmarks/out/memory.json``.
@@ -73,32 +76,37 @@ def measure(tx, params: Any, grads: Any, extra: dict[str, Any]) -> dict[str, flo
     }
 
 
-# The storage arguments per family: bf16 (with stochastic rounding where the family has it)
-# and 8-bit; None where the family has no such option. "mu only": the family stores only its
-# first moment in the chosen dtype (its other state is float32 or matrix statistics).
+# The storage arguments per family: bf16 (with stochastic rounding where the family has it),
+# 8-bit and 4-bit; None where the family has no such option. "mu only": the family stores
+# only its first moment in the chosen dtype (its other state is float32 or matrix statistics).
 _BF16 = jnp.bfloat16
 _TWO_MOMENTS = {
     "bf16": {"mu_dtype": _BF16, "nu_dtype": _BF16, "stochastic_rounding": True},
     "q8": {"mu_dtype": "q8", "nu_dtype": "q8"},
+    "q4": {"mu_dtype": "q4", "nu_dtype": "q4"},
 }
 PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
     **{name: _TWO_MOMENTS for name in ("adam", "adamw", "nadamw", "radam", "qhadamw", "lamb")},
     "sgd": {
         "bf16": {"accumulator_dtype": _BF16, "stochastic_rounding": True},
         "q8": {"accumulator_dtype": "q8"},
+        "q4": {"accumulator_dtype": "q4"},
     },
     "lion": {
         "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
         "q8": {"mu_dtype": "q8"},
+        "q4": {"mu_dtype": "q4"},
     },
     "sophia": {
         "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
         "q8": {"mu_dtype": "q8"},
+        "q4": {"mu_dtype": "q4"},
     },
     **{
         name: {
             "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
             "q8": {"mu_dtype": "q8"},
+            "q4": {"mu_dtype": "q4"},
         }
         for name in ("muon", "kron_psgd")
     },
@@ -106,9 +114,10 @@ PRECISIONS: dict[str, dict[str, dict[str, Any] | None]] = {
     "mars": {
         "bf16": {**_TWO_MOMENTS["bf16"], "prev_grad_dtype": _BF16},
         "q8": {**_TWO_MOMENTS["q8"], "prev_grad_dtype": "q8"},
+        "q4": {**_TWO_MOMENTS["q4"], "prev_grad_dtype": "q4"},
     },
     "soap": _TWO_MOMENTS,
-    **{name: {"bf16": None, "q8": None} for name in ("adafactor", "stiefel")},
+    **{name: {"bf16": None, "q8": None, "q4": None} for name in ("adafactor", "stiefel")},
 }
 # Rows with a configuration of their own: Adafactor keeps a momentum only when asked.
 EXTRA_ROWS = {
@@ -118,6 +127,7 @@ EXTRA_ROWS = {
         {
             "bf16": {"mu_dtype": _BF16, "stochastic_rounding": True},
             "q8": {"mu_dtype": "q8"},
+            "q4": {"mu_dtype": "q4"},
         },
     )
 }
@@ -132,10 +142,29 @@ PARTIAL = {
 }
 
 
-def state_bytes(tx, params: Any) -> int:
-    """Bytes of every array leaf of `tx.init(params)` (shapes only, nothing allocated)."""
+def element_bytes(dtype: Any) -> float:
+    """Bytes per element at the dtype's bit width: 0.5 for int4 (XLA packs two per byte;
+    ``dtype.itemsize`` says 1)."""
+    dt = jnp.dtype(dtype)
+    if jnp.issubdtype(dt, jnp.integer):
+        return jnp.iinfo(dt).bits / 8
+    if jnp.issubdtype(dt, jnp.floating):
+        return jnp.finfo(dt).bits / 8
+    return float(dt.itemsize)
+
+
+def state_bytes(tx, params: Any) -> float:
+    """Bytes of every array leaf of `tx.init(params)` (shapes only, nothing allocated), each
+    element at its dtype's bit width (`element_bytes`)."""
     state = jax.eval_shape(tx.init, params)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "size"))
+    return sum(
+        x.size * element_bytes(x.dtype) for x in jax.tree.leaves(state) if hasattr(x, "size")
+    )
+
+
+def compiled_state_bytes(tx, params: Any) -> int:
+    """The output bytes of the compiled ``jit(tx.init)`` by XLA's memory analysis."""
+    return jax.jit(tx.init).lower(params).compile().memory_analysis().output_size_in_bytes
 
 
 def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
@@ -170,8 +199,10 @@ def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
             entry[label] = state_bytes(factory(LR, **base, **extra), params) / n
         entry["note"] = PARTIAL.get(name, "")
         results.append(entry)
+    adamw = registry.get("adamw").factory(LR, **_TWO_MOMENTS["q4"])
     return {
         "benchmark": "memory_precision",
+        "adamw_q4_compiled": compiled_state_bytes(adamw, params) / n,
         "n_params": n,
         "d": d,
         "layers": layers,
@@ -181,12 +212,13 @@ def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
 
 def precision_table(payload: dict[str, Any]) -> str:
     lines = [
-        "| algorithm | float32 | bf16 | 8-bit (q8) | note |",
-        "|---|---:|---:|---:|---|",
+        "| algorithm | float32 | bf16 | 8-bit (q8) | 4-bit (q4) | note |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in payload["results"]:
         cells = [
-            "not supported" if r[k] is None else f"{r[k]:.3f}" for k in ("float32", "bf16", "q8")
+            "not supported" if r.get(k) is None else f"{r[k]:.3f}"
+            for k in ("float32", "bf16", "q8", "q4")
         ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['note']} |")
     return "\n".join(lines)
@@ -251,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload = run_precision(*((32, 2) if args.small else (256, 4)))
         path = harness.write_json("memory_precision", payload)
         print(precision_table(payload))
+        print(f"(AdamW q4 by XLA's compiled init: {payload['adamw_q4_compiled']:.3f} bytes/param)")
         print(f"({payload['n_params'] / 1e6:.2f}M params; wrote {path.name})")
         return payload
     payload = run(0.001 if args.small else 1.0, args.only)

@@ -14,6 +14,9 @@ from rlx_optax._src.schedules import set_learning_rate as set_learning_rate
 from rlx_optax._src.sharding import state_shardings as state_shardings
 from rlx_optax._src.stateful import Optimizer as Optimizer
 from rlx_optax._src.transforms._lowbit import QuantizedArray as QuantizedArray
+from rlx_optax._src.transforms._lowbit import (
+    QuantizedArrayUnsigned4 as QuantizedArrayUnsigned4,
+)
 from rlx_optax._src.transforms._lowbit import apply_updates_stochastic as apply_updates_stochastic
 from rlx_optax._src.transforms._lowbit import dequantize_blockwise as dequantize_blockwise
 from rlx_optax._src.transforms._lowbit import quantize_blockwise as quantize_blockwise
@@ -135,6 +138,7 @@ __all__ = [
     "QHAdamWState",
     "RAdamState",
     "QuantizedArray",
+    "QuantizedArrayUnsigned4",
     "SgdState",
     "SoapState",
     "SophiaState",

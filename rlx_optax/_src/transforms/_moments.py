@@ -72,7 +72,7 @@ def read_write_moments(
         # the first moment's scale is a bound known before the new moment is (no pass over
         # it precedes its encoding); the second moment keeps its exact block maximum: with
         # b2 near 1 a loose scale would carry every code near the top along with it
-        bound_m = _lowbit.ema_bound(m, b1, 1 - jnp.asarray(b1, ct), _lowbit.block_absmax(g32))
+        bound_m = _lowbit.ema_bound(m, b1, 1 - jnp.asarray(b1, ct), g32)
     m_s = _lowbit.write(m_new, m, salt=_lowbit.SALT_MU, bound=bound_m, **sr)
     v_s = _lowbit.write(v_new, v, salt=_lowbit.SALT_NU, **sr)
     return g32, m_new, v_new, m_s, v_s

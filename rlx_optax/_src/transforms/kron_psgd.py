@@ -580,7 +580,7 @@ def kron_psgd(
     decay = common.add_decayed_weights(weight_decay, opts["mask"])
     lr = optax.scale_by_learning_rate(learning_rate)
     # optax's own momentum (and state) unless the storage needs `_lowbit`
-    lowbit = stochastic_rounding or (isinstance(mu_dtype, str) and mu_dtype == _lowbit.Q8)
+    lowbit = stochastic_rounding or _lowbit.is_quantized_storage(mu_dtype)
     if opts["momentum_before"]:
         if lowbit:
             ema = _debiased_ema(momentum, mu_dtype, stochastic_rounding)

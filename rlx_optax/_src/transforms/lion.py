@@ -88,7 +88,7 @@ def scale_by_lion(
             u = jnp.where(jnp.isfinite(c), jnp.sign(c), c)
             bound = None
             if isinstance(m, _lowbit.QuantizedArray):
-                bound = _lowbit.ema_bound(m, b2, 1 - b2, _lowbit.block_absmax(g32))
+                bound = _lowbit.ema_bound(m, b2, 1 - b2, g32)
             m_s = _lowbit.write(
                 m_new,
                 m,

@@ -82,8 +82,11 @@ def _corrected_gradient(g, prev, *, b1, gamma, clip_c, ct):
 
 
 def _stored_view(stored):
-    """An array of the leaf's shape that the written state `stored` consists of."""
-    return stored.codes if isinstance(stored, _lowbit.QuantizedArray) else stored
+    """An array of the leaf's shape that the written state `stored` consists of (4-bit codes
+    as int8: the 4-bit types have no arithmetic of their own)."""
+    if not isinstance(stored, _lowbit.QuantizedArray):
+        return stored
+    return stored.codes.astype(jnp.int8) if stored.bits == 4 else stored.codes
 
 
 def _stored_gradient(g, after):

@@ -195,7 +195,7 @@ def scale_by_muon(
         bound = None
         if isinstance(stored, _lowbit.QuantizedArray):  # new = mu * old + weight * g
             weight = 1.0 if momentum_form == "sum" else 1 - mu
-            bound = _lowbit.ema_bound(stored, mu, weight, _lowbit.block_absmax(g32))
+            bound = _lowbit.ema_bound(stored, mu, weight, g32)
         sr = dict(stochastic=stochastic_rounding, step=count, leaf=leaf, salt=_lowbit.SALT_MU)
         return d, _lowbit.write(m, stored, bound=bound, **sr)
 

@@ -68,7 +68,7 @@ def scale_by_sgd(
             u = g32 + momentum * v if nesterov else v
             bound = None
             if isinstance(stored, _lowbit.QuantizedArray):
-                bound = _lowbit.ema_bound(stored, momentum, 1.0, _lowbit.block_absmax(g32))
+                bound = _lowbit.ema_bound(stored, momentum, 1.0, g32)
             v_s = _lowbit.write(
                 v,
                 stored,

@@ -311,7 +311,7 @@ def scale_by_soap(
     common.check_beta("b1", b1)
     for name, value in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
         _lowbit.check_storage(name, value)
-    quantized = any(isinstance(v, str) and v == _lowbit.Q8 for v in (mu_dtype, nu_dtype))
+    quantized = any(_lowbit.is_quantized_storage(v) for v in (mu_dtype, nu_dtype))
     # 8-bit moments, or bfloat16 ones rounded stochastically: the batched computation sees
     # float32 moments, stored per leaf afterwards (the leaf's index seeds the rounding bits)
     widen = quantized or (stochastic_rounding and (mu_dtype is not None or nu_dtype is not None))

@@ -224,7 +224,7 @@ def scale_by_sophia(
             bound = None
             if isinstance(m, _lowbit.QuantizedArray):
                 b = jnp.asarray(b1, jnp.float32)
-                bound = _lowbit.ema_bound(m, b, 1 - b, _lowbit.block_absmax(g))
+                bound = _lowbit.ema_bound(m, b, 1 - b, g)
             m_s = _lowbit.write(
                 m_new,
                 m,
