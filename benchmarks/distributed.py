@@ -438,6 +438,8 @@ def worker(mesh_name: str, config: str, mode: str, quick: bool) -> None:
         ctx = switch(False)
     elif mode == "owner":
         ctx = switch(True)
+    elif mode == "layouts":  # owner compute told the parameters' layouts (Auto meshes)
+        ctx = switch(True, layouts=param_sh)
     else:
         ctx = contextlib.nullcontext()
     tx = eval(CONFIGS[config][0], {"rlx_optax": rlx_optax, "optax": optax, "LR": LR,
@@ -602,13 +604,22 @@ def owner_switch() -> Any:
     return switch
 
 
-def modes_for(config: str) -> list[str]:
-    """Modes measured for a configuration: both owner-compute modes where the library has them."""
+#: the configurations of a matrix family (owner compute acts on them)
+MATRIX_FAMILIES = ("muon", "mars/", "stiefel", "soap", "kron_psgd")
+
+
+def modes_for(config: str, mesh: str = "fsdp8") -> list[str]:
+    """Modes measured for a configuration: both owner-compute modes where the library has them,
+    and on the 2-D mesh owner compute told the parameters' layouts (``layouts``: on fsdp8 the
+    layout it takes without them already is the parameters')."""
     if not CONFIGS[config][1]:
         return ["-"]
+    if owner_switch() is None:
+        return ["-"]
+    told = ["layouts"] if mesh != "fsdp8" and config.startswith(MATRIX_FAMILIES) else []
     if config.endswith("/owner-state"):  # a layout of owner compute: nothing to compare
-        return ["owner"] if owner_switch() is not None else ["-"]
-    return ["compiler", "owner"] if owner_switch() is not None else ["-"]
+        return ["owner", *told]
+    return ["compiler", "owner", *told]
 
 
 def run_one(mesh: str, config: str, mode: str, quick: bool, timeout: float) -> dict[str, Any]:
@@ -752,7 +763,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="a small tree (width 64, 2 layers)")
     ap.add_argument("--mesh", nargs="*", choices=MESHES, default=list(MESHES))
     ap.add_argument("--config", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
-    ap.add_argument("--mode", nargs="*", choices=["compiler", "owner", "-"], default=None)
+    ap.add_argument(
+        "--mode", nargs="*", choices=["compiler", "owner", "layouts", "-"], default=None
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     ap.add_argument(
         "--results-dir", default=None, help="default: benchmarks/results (--quick: benchmarks/out)"
@@ -786,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
     text = ""
     for mesh in args.mesh:
         for config in args.config:
-            for mode in modes_for(config):
+            for mode in modes_for(config, mesh):
                 if args.mode and mode not in args.mode:
                     continue
                 print(f"{mesh} {config} {mode} ...", flush=True)
@@ -797,8 +810,15 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
-def _key(row: dict[str, Any]) -> tuple[int, int, str]:
-    return (MESHES.index(row["mesh"]), list(CONFIGS).index(row["config"]), row["mode"])
+_MODES = ("compiler", "owner", "layouts", "-")
+
+
+def _key(row: dict[str, Any]) -> tuple[int, int, int]:
+    return (
+        MESHES.index(row["mesh"]),
+        list(CONFIGS).index(row["config"]),
+        _MODES.index(row["mode"]),
+    )
 
 
 def write(
@@ -825,7 +845,9 @@ def write(
         ),
         "modes_note": (
             "mode `compiler`: `rlx_optax.owner_compute(False)`; `owner`: the default (owner "
-            "compute); `-`: a peer, or a library without `owner_compute`"
+            "compute); `layouts`: owner compute told the parameters' layouts "
+            "(`rlx_optax.owner_compute(layouts=param_shardings)`, for Auto meshes); `-`: a "
+            "peer, or a library without `owner_compute`"
             if owner_switch() is not None
             else "mode `-`: this library version has no `rlx_optax.owner_compute` switch"
         ),

@@ -88,9 +88,10 @@ def rows_on_owners(owned, mesh) -> bool:
     return True
 
 
-def train(tx, params, mesh=None, steps=ow.STEPS):
-    """`steps` jitted updates from `tx.init`; (updates, state, compiled HLO, params placed)."""
-    out = ow.train(tx, params, mesh, steps=steps)
+def train(tx, params, mesh=None, steps=ow.STEPS, told=False):
+    """`steps` jitted updates from `tx.init`; (updates, state, compiled HLO, params placed).
+    With `told`, traced with the parameters' layouts given to owner compute."""
+    out = ow.train(tx, params, mesh, steps=steps, told=told)
     return [jax.device_get(u) for u in out["updates"]], out["state"], out["hlo"], out["params"]
 
 
@@ -229,8 +230,9 @@ def main() -> None:
             try:
                 mesh = ow.make_mesh(mesh_name)
                 tx = make(state_placement="owner")
-                updates, state, hlo, p = train(tx, params, mesh)
-                plain, _, plain_hlo, _ = train(make(), params, mesh)
+                told = mesh_name.endswith("l")  # the parameters' layouts given
+                updates, state, hlo, p = train(tx, params, mesh, told=told)
+                plain, _, plain_hlo, _ = train(make(), params, mesh, told=told)
                 total, in_loops, all_to_all = ow.collectives(hlo)
                 owned = owned_buffers(state)
                 entry = {

@@ -13,6 +13,7 @@ Prints one line ``OWNER_REPORT <json>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -91,14 +92,16 @@ def gradients(params: dict, step: int) -> dict:
 
 def make_mesh(name: str) -> jax.sharding.Mesh:
     """'8', '4x2', '2' (the first devices): Auto axes; '8e', '4x2e': Explicit axes; '4x2m':
-    `fsdp` Explicit and `tp` Auto."""
-    kind = name[-1] if name[-1] in "em" else ""
+    `fsdp` Explicit and `tp` Auto; '4x2l': Auto axes, the step traced with the parameters'
+    layouts given to owner compute (`rlx_optax.owner_compute(layouts=...)`)."""
+    kind = name[-1] if name[-1] in "eml" else ""
     dims = tuple(int(d) for d in name.removesuffix(kind).split("x"))
     axes = ("fsdp", "tp")[: len(dims)]
     types = {
         "": (AxisType.Auto,) * len(dims),
         "e": (AxisType.Explicit,) * len(dims),
         "m": (AxisType.Explicit, AxisType.Auto)[: len(dims)],
+        "l": (AxisType.Auto,) * len(dims),
     }[kind]
     return jax.make_mesh(dims, axes, axis_types=types, devices=jax.devices()[: int(np.prod(dims))])
 
@@ -174,11 +177,14 @@ def kept(values, shardings) -> bool:
     return all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in pairs)
 
 
-def train(tx, params: dict, mesh=None, nudge: float = 1.0, steps: int = STEPS) -> dict:
+def train(
+    tx, params: dict, mesh=None, nudge: float = 1.0, steps: int = STEPS, told: bool = False
+) -> dict:
     """`steps` updates of `tx` in one jitted function from its `init`, on one device or on
     `mesh` (parameters placed by `spec_of`, the state by `rlx_optax.state_shardings`): the
     updates, the final state, the compiled mesh program's HLO, the placed parameters, and on
-    a mesh the state's share at init and whether every layout was kept."""
+    a mesh the state's share at init and whether every layout was kept. With `told` the step
+    is traced with the parameters' layouts given to owner compute."""
     grads = [jax.tree.map(lambda g: g * nudge, gradients(params, k)) for k in range(steps)]
     out: dict = {}
     if mesh is None:
@@ -192,18 +198,22 @@ def train(tx, params: dict, mesh=None, nudge: float = 1.0, steps: int = STEPS) -
         out["share"] = state_share(state)
     step = jax.jit(tx.update)
     p = place(params)
-    hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
-    updates = []
-    for g in grads:
-        u, state = step(place(g), state, p)
-        updates.append(u)
+    told_ctx = rlx_optax.owner_compute(layouts=shardings) if told else contextlib.nullcontext()
+    with told_ctx:  # the trace (the first call) is where the layouts act
+        hlo = step.lower(place(grads[0]), state, p).compile().as_text() if mesh is not None else ""
+        updates = []
+        for g in grads:
+            u, state = step(place(g), state, p)
+            updates.append(u)
     if mesh is not None:  # every update in its parameter's layout, every state leaf in its own
         out["kept"] = kept(updates[-1], shardings) and kept(state, state_shardings)
     return {**out, "updates": updates, "state": state, "hlo": hlo, "params": p}
 
 
-def run(name: str, params: dict, mesh=None, nudge: float = 1.0) -> tuple[list, object, str]:
-    out = train(FAMILIES[name](), params, mesh, nudge)
+def run(
+    name: str, params: dict, mesh=None, nudge: float = 1.0, told: bool = False
+) -> tuple[list, object, str]:
+    out = train(FAMILIES[name](), params, mesh, nudge, told=told)
     if mesh is not None:
         SHARES[name], KEPT[name] = out["share"], out["kept"]
     return out["updates"], out["state"], out["hlo"]
@@ -296,6 +306,29 @@ def check_layouts() -> dict[str, bool]:
     return out
 
 
+def layouts_probe() -> dict[str, str]:
+    """The errors of `owner_compute(layouts=...)` given a tree of another structure, and a spec
+    naming an axis the mesh does not have (traced on an Auto 4 x 2 mesh)."""
+    mesh = make_mesh("4x2")
+    params = {"w": jnp.ones((16, 8)), "b": jnp.ones((8,))}
+    shardings = {"w": NamedSharding(mesh, P("fsdp", "tp")), "b": NamedSharding(mesh, P())}
+    placed = jax.device_put(params, shardings)
+    tx = rlx_optax.muon(1e-2)
+    state = tx.init(placed)
+    out = {}
+    for name, layouts in (
+        ("structure", {"w": P("fsdp", "tp")}),
+        ("axis", {"w": P("data", None), "b": None}),
+    ):
+        try:
+            with rlx_optax.owner_compute(layouts=layouts):
+                jax.jit(tx.update).lower(placed, state, placed)
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
 def floats(state) -> list:
     return [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
 
@@ -314,12 +347,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--told", default="", help="the families run on the 'l' meshes (default: all)"
+    )
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     params = gpt_tree(args.width, args.layers, args.vocab)
     report: dict = {"layouts": check_layouts(), "loop_probe": loop_probe()}
     if any(m.endswith("e") for m in args.meshes.split(",")):
         report["closure_probe"] = closure_probe()
+    if any(m.endswith("l") for m in args.meshes.split(",")):
+        report["layouts_probe"] = layouts_probe()
     for name in args.families.split(","):
         tree = params
         if name == "muon_scanned":  # the layers as one stacked leaf, as a scanned model has
@@ -339,9 +377,11 @@ def main() -> None:
         }
         for mesh_name in args.meshes.split(","):
             key = f"{name}@{mesh_name}"
+            if mesh_name.endswith("l") and args.told and name not in args.told.split(","):
+                continue
             try:
                 mesh = make_mesh(mesh_name)
-                updates, state, hlo = run(name, tree, mesh)
+                updates, state, hlo = run(name, tree, mesh, told=mesh_name.endswith("l"))
                 total, in_loops, all_to_all = collectives(hlo)
                 report[key] = {
                     "ok": True,

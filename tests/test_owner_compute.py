@@ -50,7 +50,15 @@ def _run(meshes: str, families: tuple[str, ...], *extra: str, timeout: float = 8
 # each worker run once per session, whichever xdist worker asks first (tests/session_cache.py)
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    return once_per_session(tmp_path_factory, "owner_auto", lambda: _run("8,4x2", FAMILIES))
+    return once_per_session(
+        tmp_path_factory,
+        "owner_auto",
+        lambda: _run("8,4x2,4x2l", FAMILIES, "--told", ",".join(TOLD_FAMILIES)),
+    )
+
+
+# the families run on the Auto 4 x 2 mesh with the parameters' layouts told (in CI)
+TOLD_FAMILIES = ("muon", "muon_scanned", "mars_shampoo", "stiefel", "soap")
 
 
 def _check(
@@ -80,6 +88,33 @@ def _check(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mesh_matches_one_device(report, family, mesh):
     _check(report, family, mesh)
+
+
+@pytest.mark.parametrize("family", TOLD_FAMILIES)
+def test_told_layouts_match_one_device(report, family):
+    """Auto 4 x 2 mesh, ``P("fsdp", "tp")`` weights, the step traced under
+    `rlx_optax.owner_compute(layouts=...)`: the same numbers. Muon, scanned Muon and Stiefel
+    move only the exchange's two all-to-alls (without the layouts the compiler reshards each
+    matrix between its layout and the canonical rows before and after: 8 to 37 collectives)
+    and return every update and state leaf in its own layout; MARS-Shampoo keeps its 3
+    element-wise collectives. SOAP's per-axis state (another shape) is not affected; where
+    the unpinned step's outputs land is the compiler's choice there (see docs/scaling.md)."""
+    _check(report, family, "4x2l")
+    told, untold = report[f"{family}@4x2l"], report[f"{family}@4x2"]
+    if family != "soap":
+        assert told["all_to_all"] == 2, f"{family}: {told['all_to_all']} all-to-alls"
+        assert told["collectives"] - told["all_to_all"] <= 3, told
+        assert untold["collectives"] > told["collectives"], (told, untold)
+        assert told["layouts_kept"], f"{family}: a result left its layout"
+
+
+def test_told_layouts_refuse_bad_trees(report):
+    """A layouts tree of another structure, or a spec naming an axis that is not the mesh's:
+    a ValueError naming `layouts`."""
+    probe = report["layouts_probe"]
+    assert "owner_compute(layouts=...)" in probe["structure"], probe["structure"]
+    assert "structure" in probe["structure"]
+    assert "owner_compute(layouts=...)" in probe["axis"] and "'data'" in probe["axis"], probe
 
 
 @pytest.fixture(scope="module")

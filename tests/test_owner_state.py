@@ -23,9 +23,11 @@ from tests.session_cache import once_per_session
 
 WORKER = pathlib.Path(__file__).with_name("owner_state_worker.py")
 # CI: the reference SOAP and SOAP with 8-bit moments and a bfloat16 preconditioner on the Auto
-# FSDP mesh, the reference Kron on the Explicit 4 x 2 mesh ("e": Explicit axes); `slow`: the
-# crate's defaults, Stiefel, and the other meshes
+# FSDP mesh, the reference Kron on the Explicit 4 x 2 mesh ("e": Explicit axes), the reference
+# SOAP on the Auto 4 x 2 mesh with the parameters' layouts told ("l":
+# `owner_compute(layouts=...)`); `slow`: the crate's defaults, Stiefel, and the other meshes
 CASES = [("soap_reference", "8"), ("soap_lowbit", "8"), ("kron_reference", "4x2e")]
+CASES += [("soap_reference", "4x2l")]
 SLOW_CASES = [("soap", "8"), ("soap", "4x2"), ("kron", "8"), ("kron", "4x2")]
 SLOW_CASES += [("soap_reference", "4x2"), ("soap_reference", "8e"), ("kron_reference", "8")]
 SLOW_CASES += [("kron_reference", "4x2"), ("soap_lowbit", "4x2e"), ("stiefel", "8")]
@@ -74,11 +76,13 @@ def test_matches_one_device(report, family, mesh):
     assert r["single"] <= TOLERANCE, r["single"]
 
 
-@pytest.mark.parametrize(("family", "mesh"), [c for c in CASES if c[1] in ("8", "4x2e")])
+@pytest.mark.parametrize(("family", "mesh"), CASES)
 def test_only_gradient_and_update_travel(report, family, mesh):
-    """On the FSDP mesh, and on an Explicit 4 x 2 mesh (where the exchange takes each array in
-    its own layout): two all-to-alls, none in a loop, and their bytes within the issue's 3x a
-    parameter shard (the per-parameter layout moves the state as well)."""
+    """On the FSDP mesh, on an Explicit 4 x 2 mesh (where the exchange takes each array in its
+    own layout) and on an Auto 4 x 2 mesh told the parameters' layouts: two all-to-alls, none
+    in a loop, and their bytes within the issue's 3x a parameter shard (the per-parameter
+    layout moves the state as well). Untold, the Auto 4 x 2 mesh reshards the gradient and
+    the update between ``P("fsdp", "tp")`` and the exchange's rows (slow test below)."""
     r = report[f"{family}@{mesh}"]
     assert r["ok"], r.get("traceback", r.get("error"))
     assert (r["collectives"], r["all_to_all"], r["in_loops"]) == (2, 2, 0), r

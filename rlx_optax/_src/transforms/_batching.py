@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlx_optax._src import common
 from rlx_optax._src.transforms import _owner, _resident
@@ -137,9 +138,17 @@ def grouped_map(
         return _run_grouped(fn, calls, min_group)
 
     mesh = _owner.mesh_of([x for flat, _ in calls for x in flat if _is_array(x)])
+    hints = None
+    if mesh is not None:  # the parameters' layouts of `owner_compute(layouts=...)`, per call
+        given = _owner.layout_hints(tree, treedef, len(leaves))
+        if given is not None:
+            hints = [
+                None if given[i] is None else (tuple(np.shape(leaves[i])), given[i])
+                for i in indices
+            ]
     if resident is not None:
         args = [jax.tree.unflatten(struct, flat) for flat, struct in calls]
-        results, resident = _resident_map(fn, args, mesh, local, resident, n_out)
+        results, resident = _resident_map(fn, args, mesh, local, resident, n_out, hints)
         for i, result in zip(indices, results, strict=True):
             for k in range(n_out):
                 outs[k][i] = result[k]
@@ -147,12 +156,16 @@ def grouped_map(
     if mesh is None:
         results = local(calls)
     elif stacked:
-        pieces, spans = [], []
-        for flat, struct in calls:
+        pieces, spans, piece_hints = [], [], []
+        for n, (flat, struct) in enumerate(calls):
             split = _unstack(flat)
             spans.append(len(pieces) if split is None else (len(pieces), len(split)))
             pieces.extend([(flat, struct)] if split is None else [(f, struct) for f in split])
-        done = _owner.run(fn, n_out, pieces, mesh, local, cost)
+            hint = None if hints is None else hints[n]
+            piece_hints.extend([hint] if split is None else [_matrix_hint(hint)] * len(split))
+        done = _owner.run(
+            fn, n_out, pieces, mesh, local, cost, hints=None if hints is None else piece_hints
+        )
         results = []
         for span in spans:
             if isinstance(span, int):
@@ -167,14 +180,23 @@ def grouped_map(
                 )
             )
     else:
-        results = _owner.run(fn, n_out, calls, mesh, local, cost)
+        results = _owner.run(fn, n_out, calls, mesh, local, cost, hints=hints)
     for i, result in zip(indices, results, strict=True):
         for k in range(n_out):
             outs[k][i] = result[k]
     return tuple(treedef.unflatten(o) for o in outs)
 
 
-def _resident_map(fn, args, mesh, local, owned, n_out):
+def _matrix_hint(hint: Any) -> Any:
+    """The layout hint of one matrix of a stack from the stack's (the stack axis unsplit)."""
+    if hint is None:
+        return None
+    shape, spec = hint
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return None if entries[0] is not None else (shape[1:], P(*entries[1:]))
+
+
+def _resident_map(fn, args, mesh, local, owned, n_out, hints=None):
     """`grouped_map` with owner-resident state (see there)."""
     positions = owned.directory.positions
     if mesh is not None:
@@ -185,7 +207,7 @@ def _resident_map(fn, args, mesh, local, owned, n_out):
             )
             for n, a in enumerate(args)
         ]
-        results, buffers = _owner.run(fn, n_out, calls, mesh, local, store=owned)
+        results, buffers = _owner.run(fn, n_out, calls, mesh, local, store=owned, hints=hints)
         return results, _resident.OwnedBuffers(buffers, owned.directory)
     # no owner compute here: read the state out, compute as usual, write it back in place
     values = _resident.unpack(owned)

@@ -76,11 +76,11 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_ENABLED: list[bool] = []
+_ENABLED: list[tuple[bool, Any]] = []
 
 
 @contextlib.contextmanager
-def owner_compute(enabled: bool = True) -> Iterator[None]:
+def owner_compute(enabled: bool = True, *, layouts: Any = None) -> Iterator[None]:
     """Within the block, whether the matrix families compute whole matrices on owner devices.
 
     On by default. On a mesh of several devices, Muon, MARS-Shampoo, Stiefel, SOAP and Kron
@@ -91,12 +91,26 @@ def owner_compute(enabled: bool = True) -> Iterator[None]:
     partitioning instead (the behaviour before 0.2; for comparisons). It acts while a step is
     traced, so wrap the first call of a jitted function, not its definition.
 
+    Args:
+      enabled: compute on owner devices (True, the default) or leave the matrix work to the
+        compiler's partitioning (False).
+      layouts: the parameters' layouts, for meshes with Auto axes: a pytree of the
+        parameters' structure whose leaves are `jax.sharding.PartitionSpec`,
+        `jax.sharding.NamedSharding` or None (unknown). A traced step on an Auto mesh cannot
+        see its arrays' layouts, so the exchange otherwise takes every matrix in a canonical
+        layout (its first axis that the device count divides, split over all mesh axes) and
+        the compiler reshards any other layout to it and back: for ``P("fsdp", "tp")``
+        weights that is an all-gather over ``tp`` before the exchange. With `layouts`, each
+        matrix of its parameter's shape is exchanged in its parameter's layout. A layout
+        that does not divide its matrix's shape (a family that reshapes it) is not used;
+        on meshes with Explicit axes the arrays' types give the layouts and this is not used.
+
     Example:
       >>> import rlx_optax
       >>> with rlx_optax.owner_compute(False):
       ...     pass  # trace and compile the step here
     """
-    _ENABLED.append(bool(enabled))
+    _ENABLED.append((bool(enabled), layouts))
     try:
         yield
     finally:
@@ -104,7 +118,36 @@ def owner_compute(enabled: bool = True) -> Iterator[None]:
 
 
 def enabled() -> bool:
-    return _ENABLED[-1] if _ENABLED else True
+    return _ENABLED[-1][0] if _ENABLED else True
+
+
+def _is_layout_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, (P, NamedSharding))
+
+
+def layout_hints(tree: Any, treedef: Any, n_leaves: int) -> list[Any] | None:
+    """Per leaf of `tree` (flattened with `treedef`, empty places as leaves; `n_leaves` of
+    them), the `PartitionSpec` of the innermost `owner_compute(layouts=...)`, or None where
+    none is given; None outside such a block.
+
+    Raises ValueError (naming `layouts`) when the layouts' tree structure is not the one of
+    `tree`."""
+    given = next((lay for _, lay in reversed(_ENABLED) if lay is not None), None)
+    if given is None:
+        return None
+    leaves, structure = jax.tree.flatten(given, is_leaf=_is_layout_leaf)
+    if structure.num_leaves != n_leaves or structure != _as_leaves(treedef, n_leaves):
+        raise ValueError(
+            "owner_compute(layouts=...): the layouts must be a pytree of the parameters' "
+            f"structure with PartitionSpec, NamedSharding or None leaves; got {structure} "
+            f"for parameters of structure {treedef}"
+        )
+    return [x.spec if isinstance(x, NamedSharding) else x for x in leaves]
+
+
+def _as_leaves(treedef: Any, n: int) -> Any:
+    """`treedef` with a plain leaf at each of its `n` leaves (as a layouts tree has them)."""
+    return jax.tree.structure(treedef.unflatten([0] * n))
 
 
 def _typed_sharding(x: Any) -> Any:
@@ -268,11 +311,18 @@ def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _in_spec(x: Any, mesh: Any) -> P:
+def _in_spec(x: Any, mesh: Any, hint: Any = None) -> P:
     """The layout `x` enters and leaves the exchange in: on an Explicit mesh its own (its type
-    says it) when that divides its shape, else the canonical one."""
+    says it) when that divides its shape, else the canonical one. On an Auto mesh, `hint`
+    ``(shape, spec)`` (the leaf's shape and its parameter's spec from
+    `owner_compute(layouts=...)`) gives an array of that shape the spec when it divides it;
+    others get the canonical one."""
     if np.ndim(x) == 0 or _is_key(x):
         return P()
+    if hint is not None and not _is_explicit(mesh) and tuple(x.shape) == hint[0]:
+        spec = _dividing(hint[1], hint[0], mesh)
+        if spec is not None:
+            return spec
     if _is_explicit(mesh):
         own = _typed_sharding(x)
         if own is not None and tuple(own.mesh.axis_names) == tuple(mesh.axis_names):
@@ -284,6 +334,24 @@ def _in_spec(x: Any, mesh: Any) -> P:
             else:
                 return spec
     return canonical_spec(x.shape, mesh)
+
+
+def _dividing(spec: P, shape: tuple[int, ...], mesh: Any) -> P | None:
+    """`spec` normalised for an array of `shape` on `mesh`, or None when it has more entries
+    than the array has axes or does not divide it. Raises ValueError for an axis that is not
+    one of the mesh's."""
+    if len(spec) > len(shape):
+        return None
+    entries = _normalise(spec, len(shape))
+    unknown = {a for e in entries for a in e} - set(mesh.axis_names)
+    if unknown:
+        raise ValueError(
+            f"owner_compute(layouts=...): the spec {spec} names {sorted(unknown)}, which are "
+            f"not axes of the mesh {tuple(mesh.axis_names)}"
+        )
+    if any(s % math.prod(mesh.shape[a] for a in e) for s, e in zip(shape, entries, strict=True)):
+        return None
+    return P(*(_entry(e) for e in entries))
 
 
 def _entry(axes: tuple[str, ...]) -> Any:
@@ -298,6 +366,7 @@ def run(
     local: Callable[[list[tuple[list[Any], Any]]], list[tuple]],
     cost: Callable[[list[Any]], float] | None = None,
     store: Any = None,
+    hints: Sequence[Any] | None = None,
 ) -> Any:
     """``fn`` applied to every leaf's arguments, each on its owner device of `mesh`.
 
@@ -311,6 +380,10 @@ def run(
     own row of the store's buffers and writes the new state back there, so only the other
     arguments and results travel; the leaves outside the directory run on every device.
     Returns the results (None at those positions) and the new buffers.
+
+    ``hints[i]`` (None, or ``(shape, spec)``: leaf `i`'s shape and its parameter's layout from
+    `owner_compute(layouts=...)`) gives its arrays and results of that shape that layout on an
+    Auto mesh, when it divides the shape, instead of the canonical one.
     """
     names = tuple(mesh.axis_names)
     devices = math.prod(mesh.shape[a] for a in names)
@@ -327,9 +400,10 @@ def run(
 
     # static description of every leaf: which flat args are arrays, their layouts
     infos = []
-    for flat, _ in calls:
+    for i, (flat, _) in enumerate(calls):
         arrays = [j for j, x in enumerate(flat) if _is_array(x)]
-        specs = {j: _in_spec(flat[j], mesh) for j in arrays}
+        hint = None if hints is None else hints[i]
+        specs = {j: _in_spec(flat[j], mesh, hint) for j in arrays}
         layouts = {j: _Layout(tuple(flat[j].shape), specs[j], mesh) for j in arrays}
         sent = [j for j in arrays if not layouts[j].replicated]
         infos.append({"arrays": arrays, "specs": specs, "layouts": layouts, "sent": sent})
@@ -407,7 +481,8 @@ def run(
                 if np.ndim(o) == 0 or _is_key(o):
                     specs.append(P())
                 elif same:
-                    specs.append(_in_spec(like_leaves[n], mesh))
+                    hint = None if hints is None else hints[i]
+                    specs.append(_in_spec(like_leaves[n], mesh, hint))
                 else:
                     specs.append(canonical_spec(o.shape, mesh))
             layouts = [
