@@ -1,6 +1,6 @@
 """The state-precision plot: state bytes per parameter and final loss, per family and storage.
 
-Left: the bytes per parameter of each family's state in float32, bfloat16 and 8 bits
+Left: the bytes per parameter of each family's state in float32, bfloat16, 8 and 4 bits
 (`benchmarks/memory.py --precision`'s measurement, recomputed here from the state pytrees;
 a missing bar is a storage the family does not offer). Right: the final validation loss of the
 char-level LM and of digits relative to float32 (mean over the seeds of
@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import harness, memory  # noqa: E402
 
 FAMILIES = ("adamw", "lion", "muon", "soap", "kron_psgd", "mars", "sgd")
-STORAGES = ("float32", "bf16", "q8")
+STORAGES = ("float32", "bf16", "q8", "q4")
 CONVERGENCE_FAMILIES = ("adamw", "lion", "muon", "soap", "kron")
-CONVERGENCE_STATES = ("bf16+sr", "q8")
+CONVERGENCE_STATES = ("bf16+sr", "q8", "q4")
 
 
 def main() -> pathlib.Path:
@@ -36,9 +36,9 @@ def main() -> pathlib.Path:
     convergence = json.loads(source.read_text()) if source.exists() else None
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.27
+    width = 0.8 / len(STORAGES)
     for k, storage in enumerate(STORAGES):
-        xs = [i + (k - 1) * width for i in range(len(FAMILIES))]
+        xs = [i + (k - (len(STORAGES) - 1) / 2) * width for i in range(len(FAMILIES))]
         ys = [table[f].get(storage) or 0.0 for f in FAMILIES]
         axes[0].bar(xs, ys, width, label=storage)
     axes[0].set_xticks(range(len(FAMILIES)), FAMILIES, rotation=20)
@@ -56,7 +56,7 @@ def main() -> pathlib.Path:
                     r = results.get(state)
                     if not r or base is None or "mean" not in r:
                         continue
-                    x = offsets + s * 0.4
+                    x = offsets + s * 0.3
                     rel = 100 * r["minus_float32"] / base
                     err = 100 * r["bound"] / base
                     axes[1].errorbar(
@@ -68,7 +68,7 @@ def main() -> pathlib.Path:
                         capsize=3,
                         label=state if offsets == 0 and p == 0 else None,
                     )
-                labels.append((offsets + 0.2, f"{problem}\n{f}"))
+                labels.append((offsets + 0.3, f"{problem}\n{f}"))
                 offsets += 1
         axes[1].axhline(0, color="k", lw=0.8)
         axes[1].set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=7)

@@ -1,5 +1,5 @@
 """Convergence at reduced state precision: AdamW, Lion, Muon, SOAP and Kron with float32,
-bfloat16 and 8-bit state.
+bfloat16, 8-bit and 4-bit state.
 
 The digits MLP and the character-level transformer of `benchmarks/convergence.py` (the same
 sizes, data and seeds), each family at its registry `train_lr` (`convergence.base_lr(row,
@@ -14,7 +14,8 @@ defaults otherwise, with its moments (momentum) stored as
 - ``q8``: ``mu_dtype = "q8"`` (and ``nu_dtype`` where taken): 8-bit block-wise; leaves under
   4096 elements stay float32 (the digits MLP quantizes its (64, 128) layer, the transformer
   its matrices). A factory that refuses a storage is recorded as not supported, with its
-  message.
+  message;
+- ``q4``: the same with ``"q4"`` (4-bit block-wise codes, blocks of at most 128).
 
 and, for AdamW, with bfloat16 *parameters* (gradients in bfloat16, moments float32, the loss
 evaluated on the bfloat16 parameters), the parameter update applied
@@ -28,9 +29,10 @@ difference from float32 and the issue's verdict: a low-precision run is within t
 ``se = std / sqrt(seeds)``, and beside it the standard error of the per-seed difference
 (``paired se``: the seeds share data and initialization, so a shift of a few paired standard
 errors is real even inside the bound). Run: ``python benchmarks/precision_convergence.py [--small]
-[--problems digits charlm] [--families adamw lion muon soap kron] [--merge]``; writes
-``benchmarks/out/precision_convergence.json`` after every family (``--merge`` keeps the
-entries of an earlier run that this run does not redo).
+[--problems digits charlm] [--families adamw lion muon soap kron] [--variants float32 q4]
+[--merge]``; writes ``benchmarks/out/precision_convergence.json`` after every family
+(``--merge`` keeps the entries of an earlier run that this run does not redo, variant by
+variant; ``--variants`` runs only the named variants, float32 always among them).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def variants(family: str) -> dict[str, dict[str, Any]]:
     if family == "adamw":
         out["bf16-nearest"] = both(jnp.bfloat16)
     out["q8"] = both("q8")
+    out["q4"] = both("q4")
     return out
 
 
@@ -137,12 +140,27 @@ def verdict(r: dict[str, Any], ref: dict[str, Any], seeds: int) -> None:
     r["paired_se"] = float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
 
 
-def run_family(problem, steps, eval_every, data, family, seeds, log=print) -> dict[str, Any]:
+def run_family(
+    problem, steps, eval_every, data, family, seeds, log=print, only=None, previous=None
+) -> dict[str, Any]:
+    """The variants of `family` on `problem`; with `only`, just those (and float32), the
+    others copied from `previous` (an earlier run's results of this family) where it has
+    them."""
     row = registry.get(FAMILIES[family][0])
     base = FAMILIES[family][1]
     lr = convergence.base_lr(row, learned=True)
     res: dict[str, Any] = {}
+
+    def skipped(name):
+        if only is None or name == "float32" or name in only:
+            return False
+        if previous and name in previous:
+            res[name] = previous[name]
+        return True
+
     for name, kw in variants(family).items():
+        if skipped(name):
+            continue
         try:
             row.factory(lr, **base, **kw)
         except ValueError as e:  # the factory refuses this precision
@@ -163,6 +181,8 @@ def run_family(problem, steps, eval_every, data, family, seeds, log=print) -> di
         log(f"  {problem.name} {family} {name}: {res[name]['mean']:.4f} ({res[name]['seconds']} s)")
     if family == "adamw":
         for name, apply in PARAM_VARIANTS.items():
+            if skipped(name):
+                continue
             t0 = time.perf_counter()
             train = make_train_bf16(problem, steps, apply)
             finals = [
@@ -183,6 +203,7 @@ def run(
     families: list[str] | None = None,
     payload: dict[str, Any] | None = None,
     write: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     size = convergence.SIZES["small" if small else "full"]
     families = families or list(FAMILIES)
@@ -200,8 +221,16 @@ def run(
         entry["steps"] = steps
         entry.setdefault("families", {})
         for family in families:
+            previous = entry["families"].get(family, {}).get("results")
             entry["families"][family] = run_family(
-                problem, steps, eval_every, data, family, size["seeds"]
+                problem,
+                steps,
+                eval_every,
+                data,
+                family,
+                size["seeds"],
+                only=only,
+                previous=previous,
             )
             if write:
                 harness.write_json("precision_convergence", out)
@@ -239,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--families", nargs="*", default=list(FAMILIES), help=f"default: {' '.join(FAMILIES)}"
     )
+    ap.add_argument("--variants", nargs="*", help="run only these variants (and float32), e.g. q4")
     ap.add_argument(
         "--merge", action="store_true", help="keep the earlier JSON's entries not redone here"
     )
@@ -250,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload.pop("machine", None)
         if "families" not in next(iter(payload.get("problems", {}).values()), {"families": 1}):
             payload = None  # the AdamW-only format of earlier runs: start afresh
-    payload = run(args.small, args.problems, args.families, payload, write=True)
+    payload = run(args.small, args.problems, args.families, payload, True, args.variants)
     path = harness.write_json("precision_convergence", payload)
     print(table(payload))
     print(f"(wrote {path.name})")

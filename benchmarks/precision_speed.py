@@ -3,11 +3,11 @@
 A jitted, donated ``update + apply_updates`` of AdamW (and a few other families) on the
 transformer tree of `benchmarks/model.py` (``--size cpu``, the default: d=256, 4 layers,
 3.15M float32 parameters; ``--size gpu``: d=1024, 24 layers, 302M, for an accelerator), with
-the moments stored in float32, bfloat16 with stochastic rounding, and 8-bit block-wise
-(``"q8"``). The configurations are timed in one process, interleaved round by round
-(paired), and each round's time is divided by the float32 time of the same round; the table
-gives the median ratio over the rounds. Also times `quantize_blockwise` and
-`dequantize_blockwise` alone, per element.
+the moments stored in float32, bfloat16 with stochastic rounding, 8-bit block-wise
+(``"q8"``) and 4-bit block-wise (``"q4"``). The configurations are timed in one process,
+interleaved round by round (paired), and each round's time is divided by the float32 time of
+the same round; the table gives the median ratio over the rounds. Also times
+`quantize_blockwise` and `dequantize_blockwise` alone, per element, for both code widths.
 
 What bounds the 8-bit step on a CPU: XLA runs a block maximum as a reduction over a
 materialised array, never fused with the elementwise pass that produces it, and it does not
@@ -47,18 +47,21 @@ _BF16 = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_roundin
 _Q8 = {"mu_dtype": "q8", "nu_dtype": "q8"}
 _BF16_MU = {"mu_dtype": jnp.bfloat16, "stochastic_rounding": True}
 _Q8_MU = {"mu_dtype": "q8"}
+_Q4 = {"mu_dtype": "q4", "nu_dtype": "q4"}
+_Q4_MU = {"mu_dtype": "q4"}
 # family -> (base arguments, {label: storage arguments})
 FAMILIES: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
-    "adamw": ({}, {"bf16": _BF16, "q8": _Q8}),
-    "lion": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
+    "adamw": ({}, {"bf16": _BF16, "q8": _Q8, "q4": _Q4}),
+    "lion": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU, "q4": _Q4_MU}),
     "sgd": (
         {"momentum": 0.9},
         {
             "bf16": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
             "q8": {"accumulator_dtype": "q8"},
+            "q4": {"accumulator_dtype": "q4"},
         },
     ),
-    "muon": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU}),
+    "muon": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU, "q4": _Q4_MU}),
 }
 
 
@@ -94,24 +97,25 @@ def time_configs(
 
 
 def time_codec(n: int, rounds: int) -> dict[str, float]:
-    """Nanoseconds per element of quantize and dequantize (signed and unsigned), median."""
+    """Nanoseconds per element of quantize and dequantize (signed and unsigned, 8- and 4-bit
+    codes; the 4-bit keys end in ``_q4_ns``), median."""
     x = jax.random.normal(jax.random.key(0), (n // 1024, 1024))
     out = {}
-    for signed in (True, False):
-        v = x if signed else x * x
-        q = jax.jit(lambda a, s=signed: rlx_optax.quantize_blockwise(a, s))
-        d = jax.jit(rlx_optax.dequantize_blockwise)
-        qv = jax.block_until_ready(q(v))
-        jax.block_until_ready(d(qv))
-        for label, fn, arg in (("quantize", q, v), ("dequantize", d, qv)):
-            ts = []
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(arg))
-                ts.append(time.perf_counter() - t0)
-            out[f"{label}_{'signed' if signed else 'unsigned'}_ns"] = (
-                statistics.median(ts) / n * 1e9
-            )
+    for bits, suffix in ((8, ""), (4, "_q4")):
+        for signed in (True, False):
+            v = x if signed else x * x
+            q = jax.jit(lambda a, s=signed, b=bits: rlx_optax.quantize_blockwise(a, s, bits=b))
+            d = jax.jit(rlx_optax.dequantize_blockwise)
+            qv = jax.block_until_ready(q(v))
+            jax.block_until_ready(d(qv))
+            for label, fn, arg in (("quantize", q, v), ("dequantize", d, qv)):
+                ts = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(arg))
+                    ts.append(time.perf_counter() - t0)
+                kind = "signed" if signed else "unsigned"
+                out[f"{label}_{kind}{suffix}_ns"] = statistics.median(ts) / n * 1e9
     return out
 
 
@@ -148,9 +152,16 @@ def run(names: list[str] | None, rounds: int, iters: int, size: str = "cpu") -> 
 
 
 def table(payload: dict[str, Any]) -> str:
-    lines = ["| algorithm | bf16+SR / float32 | q8 / float32 |", "|---|---:|---:|"]
+    lines = [
+        "| algorithm | bf16+SR / float32 | q8 / float32 | q4 / float32 |",
+        "|---|---:|---:|---:|",
+    ]
     for r in payload["results"]:
-        lines.append(f"| {r['name']} | {r['bf16_over_float32']:.2f} | {r['q8_over_float32']:.2f} |")
+        cells = [
+            f"{r[k]:.2f}" if k in r else "-"
+            for k in ("bf16_over_float32", "q8_over_float32", "q4_over_float32")
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

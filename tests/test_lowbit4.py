@@ -119,6 +119,72 @@ def test_encoder_is_the_nearest_code_over_a_dense_grid(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_encoder_picks_a_bracketing_code_without_bias(signed):
+    """With a seed: each code is one of the two table values around the scaled value (the
+    value itself when it is a code), and over 2^16 copies of a value the mean of the decoded
+    values is the value (within 4 standard errors of a two-point distribution); below the
+    smallest nonzero code (1/32 signed, 2^-15 unsigned) the nearest code. The same seed gives
+    the same codes."""
+    t = table(signed)
+    pos = np.abs(t[t > 0]) if signed else t
+    # values between codes (and the codes themselves), in rows whose first entry is 1
+    probe = np.concatenate([pos, (pos[1:] + pos[:-1]) / 2, pos[:-1] * 1.3, [0.01, 0.02, 0.3]])
+    probe = np.clip(probe, 0, 1).astype(np.float32)
+    if signed:
+        probe = np.concatenate([probe, -probe])
+    reps = 1 << 16
+    x = np.repeat(probe[:, None], reps, axis=1)
+    x = x.reshape(-1, 128)
+    x[:, 0] = 1.0  # the block maximum: scale 1 (and the value 1 is exact)
+    q = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed, bits=4, seed=7)
+    got = codes_values(q)
+    np.testing.assert_array_equal(np.asarray(rlx_optax.dequantize_blockwise(q)), got)
+    y = x.astype(np.float64)
+    sorted_t = np.sort(t)
+    hi = sorted_t[np.clip(np.searchsorted(sorted_t, y, side="left"), 0, len(t) - 1)]
+    lo = sorted_t[np.clip(np.searchsorted(sorted_t, y, side="right") - 1, 0, len(t) - 1)]
+    assert np.all((got == lo) | (got == hi))
+    body = got.reshape(-1)[np.arange(got.size) % 128 != 0]  # without the forced 1.0 entries
+    value = y.reshape(-1)[np.arange(y.size) % 128 != 0]
+    for v in np.unique(value):
+        sample = body[value == v]
+        lower = lo.reshape(-1)[np.arange(y.size) % 128 != 0][value == v][0]
+        upper = hi.reshape(-1)[np.arange(y.size) % 128 != 0][value == v][0]
+        if abs(v) < (1 / 32 if signed else t[0]):
+            assert np.all(sample == nearest_numpy(np.array([v]), signed)[0]), v
+            continue
+        spread = (upper - lower) / 2 / np.sqrt(len(sample))
+        assert abs(sample.mean() - v) <= 4 * spread + 1e-12, (v, sample.mean())
+    again = rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed, bits=4, seed=7)
+    np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
+    with pytest.raises(ValueError, match="4-bit"):
+        rlx_optax.quantize_blockwise(jnp.asarray(x), signed=signed, seed=7)
+
+
+def test_a_moving_average_in_4_bits_moves_on_average():
+    """Lion's momentum (b2 = 0.99) under a gradient that ramps up along each row for 100 steps,
+    then down for 200: each step moves an entry by about 1% of its value, far below the 4-bit
+    code gaps (25-60%), so rounding to nearest keeps the codes where they were. Rounded
+    stochastically, the leaf's mean follows the float64 average within 2% and each column's
+    mean within 10% of the largest (measured: 0.07% and 6.6%; rounded to nearest, the
+    columns end 78% of the largest away)."""
+    ramp = jnp.linspace(0.2, 1.0, 128)[None, :]
+    up, down = {"w": jnp.ones((64, 128)) * ramp}, {"w": jnp.ones((64, 128)) * ramp[:, ::-1]}
+    tx = rlx_optax.scale_by_lion(b1=0.9, b2=0.99, mu_dtype="q4")
+    s = tx.init(up)
+    step = jax.jit(tx.update)
+    want = np.zeros((64, 128))
+    for k in range(300):
+        g = up if k < 100 else down
+        _, s = step(g, s)
+        want = 0.99 * want + 0.01 * np.asarray(g["w"], np.float64)
+    got = np.asarray(rlx_optax.dequantize_blockwise(s.mu["w"]), np.float64)
+    assert abs(got.mean() / want.mean() - 1) < 0.02
+    columns = np.abs(got.mean(axis=0) - want.mean(axis=0))
+    assert np.max(columns) < 0.1 * np.max(want), np.max(columns) / np.max(want)
+
+
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize(("last", "size"), [(300, 75), (4096, 128), (771, 128), (96, 96)])
 def test_round_trip_matches_a_float64_transcription(signed, last, size):
     """Blocks of at most 128 (300 = 75 * 4; 771 = 3 * 257 has no factor leaving 32 to 128:
@@ -261,17 +327,18 @@ def test_every_family_stores_int4_codes_where_it_stores_int8(name):
 
 
 # Distance between the final parameters of the 4-bit and the float32 runs (20 steps), as a
-# fraction of the float32 displacement. Measured: AdamW 0.30 (first moment alone 0.26, second
-# alone 0.10), Lion 0.21, SGD 0.17, Muon 0.17; 8-bit: 0.02-0.04. The gradients of this tree
-# spread over four decades inside every block, so entries below 1/64 of a block's largest
-# first moment are stored as zero: a hard case; the training runs are in benchmarks/RESULTS.md.
-Q4_FOLLOW_BOUND = 0.35
+# fraction of the float32 displacement. Measured: AdamW 0.38 (first moment alone 0.34, second
+# alone 0.12), LAMB 0.35, Lion 0.25, SGD 0.26, Muon 0.26; 8-bit: 0.02-0.04. The gradients of
+# this tree spread over four decades inside every block: entries below 1/64 of a block's
+# largest first moment are stored as zero, and the codes between are 25-60% apart, a hard
+# case; the training runs are in benchmarks/RESULTS.md.
+Q4_FOLLOW_BOUND = 0.45
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "sgd", "muon"])
 def test_quantized_state_follows_the_float32_run(name):
     """20 jitted steps with 4-bit moments stay near the float32 run: the displacement differs
-    by less than 35% of its size (`Q4_FOLLOW_BOUND`)."""
+    by less than 45% of its size (`Q4_FOLLOW_BOUND`)."""
     kw = dict(Q4_FACTORIES[name])
     base = {k: v for k, v in kw.items() if k == "momentum"}
     p0 = params_tree()

@@ -261,14 +261,39 @@ def _quantized(codes: jax.Array, scale: jax.Array, signed: bool) -> QuantizedArr
     return QuantizedArray(codes=codes, scale=scale)
 
 
-def _encode4(y: jax.Array, signed: bool) -> jax.Array:
-    """`_encode` with the 4-bit codes."""
+def _signed4_magnitude(m: jax.Array) -> jax.Array:
+    """The float32 value of the signed 4-bit magnitude index `m` (int32, 0..8; 8 reads as 7)."""
+    value = jnp.zeros(m.shape, jnp.float32)
+    for k, v in enumerate(_SIGNED4_MAGNITUDES[1:], start=1):
+        value = jnp.where(m >= k, jnp.float32(v), value)
+    return value
+
+
+def _encode4(y: jax.Array, signed: bool, noise: Any = None) -> jax.Array:
+    """`_encode` with the 4-bit codes: to nearest, or, with `noise` (uint32 random bits of
+    ``y``'s shape), stochastically to one of the two codes around ``y`` (unbiased: the upper
+    one with probability ``(|y| - lower) / (upper - lower)``). Below the smallest nonzero
+    code the nearest code still (the signed code's 0 or 1/32, the unsigned code's smallest):
+    rounding an entry far below 1/32 of its block up to 1/32 at random would multiply it by
+    up to 64, and Adam divides a first moment by its own, possibly as small, second moment."""
     if not signed:
         bits = jax.lax.bitcast_convert_type(jnp.minimum(y, 1.0), jnp.int32)
-        c = ((bits + ((1 << (_UNSIGNED4_SHIFT - 1)) - 1)) >> _UNSIGNED4_SHIFT) - _UNSIGNED4_OFFSET
+        if noise is None:
+            add = (1 << (_UNSIGNED4_SHIFT - 1)) - 1
+        else:  # a carry out of the mantissa, with probability the mantissa's fraction
+            add = (noise >> (32 - _UNSIGNED4_SHIFT)).astype(jnp.int32)
+        c = ((bits + add) >> _UNSIGNED4_SHIFT) - _UNSIGNED4_OFFSET
         return jnp.clip(c, -8, 7).astype(jnp.int4)
     a = jnp.abs(y)
-    c = sum((a > t).astype(jnp.int32) for t in _SIGNED4_MIDPOINTS)
+    if noise is None:
+        c = sum((a > t).astype(jnp.int32) for t in _SIGNED4_MIDPOINTS)
+    else:
+        a = jnp.minimum(a, 1.0)
+        c = sum((a >= v).astype(jnp.int32) for v in _SIGNED4_MAGNITUDES[1:])  # the lower code
+        lower, upper = _signed4_magnitude(c), _signed4_magnitude(c + 1)
+        u = (noise >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # uniform in [0, 1)
+        up = jnp.where(c == 0, a > _SIGNED4_MIDPOINTS[0], u * (upper - lower) < a - lower)
+        c = c + up.astype(jnp.int32)
     return jnp.where(y < 0, -c, c).astype(jnp.int4)
 
 
@@ -279,15 +304,12 @@ def _decode4(codes: jax.Array, signed: bool) -> jax.Array:
         return jax.lax.bitcast_convert_type(
             (c + _UNSIGNED4_OFFSET) << _UNSIGNED4_SHIFT, jnp.float32
         )
-    m = jnp.abs(c)
-    value = jnp.zeros(c.shape, jnp.float32)
-    for k, v in enumerate(_SIGNED4_MAGNITUDES[1:], start=1):  # -8 reads as -1
-        value = jnp.where(m >= k, jnp.float32(v), value)
+    value = _signed4_magnitude(jnp.abs(c))  # -8 reads as -1
     bits = jax.lax.bitcast_convert_type(value, jnp.int32) | (c & jnp.int32(-(2**31)))
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _encode(y: jax.Array, signed: bool, bits: int = 8) -> jax.Array:
+def _encode(y: jax.Array, signed: bool, bits: int = 8, noise: Any = None) -> jax.Array:
     """The nearest code (ties to the smaller magnitude) of float32 ``y`` clipped to [-1, 1].
 
     Within a binade the code values are evenly spaced, so adding half a code step less one
@@ -297,7 +319,7 @@ def _encode(y: jax.Array, signed: bool, bits: int = 8) -> jax.Array:
     the unsigned one (no zero) the smallest code. `bits` = 4: `_encode4`.
     """
     if bits == 4:
-        return _encode4(y, signed)
+        return _encode4(y, signed, noise)
     if not signed:
         bits = jax.lax.bitcast_convert_type(jnp.minimum(y, 1.0), jnp.int32)
         c = ((bits + ((1 << (_UNSIGNED_SHIFT - 1)) - 1)) >> _UNSIGNED_SHIFT) - _UNSIGNED_OFFSET
@@ -385,13 +407,15 @@ def block_absmax(x: jax.Array, cap: int = BLOCK) -> jax.Array:
 
 
 def quantize_blockwise(
-    x: jax.Array, signed: bool, scale: Any = None, *, bits: int = 8
+    x: jax.Array, signed: bool, scale: Any = None, *, bits: int = 8, seed: Any = None
 ) -> QuantizedArray:
     """`x` (real, at least 1-d) to the nearest code of its block-scaled value.
 
     `bits` = 8: int8 / uint8 codes, blocks of at most `BLOCK`; 4: int4 codes (the unsigned
     ones in a `QuantizedArrayUnsigned4`), blocks of at most `BLOCK_Q4` (the codes are
-    described in this module's docstring).
+    described in this module's docstring). `seed` (4-bit codes only): round stochastically
+    to one of the two codes around each scaled value instead, unbiased, with the random bits
+    of `random_bits` (``x``'s shape, `seed`): what the optimizers' 4-bit moments do.
 
     The scale of a block is its largest magnitude (0 for an all-zero block, which then
     dequantizes to exact zeros), or `scale` when given (an upper bound of the block's
@@ -400,13 +424,16 @@ def quantize_blockwise(
     quotient is ``x`` times the float32 reciprocal of the scale).
     """
     cap = _cap(bits)
+    if seed is not None and bits != 4:
+        raise ValueError("seed (stochastic rounding) is for 4-bit codes only")
     x32 = jnp.asarray(x, jnp.float32)
     b, last = _blocks(x32, cap)
     if scale is None:
         scale = jnp.max(jnp.abs(b), axis=-1)
     scale = jnp.asarray(scale, jnp.float32)
     inverse = 1 / jnp.where(scale > 0, scale, 1.0)
-    codes = _encode(b * inverse[..., None], signed, bits)
+    noise = None if seed is None else _blocks(random_bits(x32.shape, seed), cap)[0]
+    codes = _encode(b * inverse[..., None], signed, bits, noise)
     return _quantized(_unblocks(codes, last), scale, signed)
 
 
@@ -591,12 +618,17 @@ def write(
     """`value` (compute dtype) stored like `stored` (the previous state of this leaf).
 
     Quantized stays quantized with the same code, scaled by `bound` (from `ema_bound`) when
-    given, else by the block maxima of `value` (one more pass over it); a narrower float
+    given, else by the block maxima of `value` (one more pass over it); 4-bit codes are
+    rounded stochastically from the stream of (`step`, `leaf`, `salt`) whatever
+    `stochastic` says (to nearest only without a `step`); a narrower float
     dtype is rounded to nearest, or stochastically (bfloat16 only) with `stochastic`, from
     the stream of (`step`, `leaf`, `salt`).
     """
     if isinstance(stored, QuantizedArray):
-        return quantize_blockwise(value, stored.signed, bound, bits=stored.bits)
+        seed = None
+        if stored.bits == 4 and step is not None:  # 4-bit moments: always stochastic
+            seed = _round_key(step, leaf, salt)
+        return quantize_blockwise(value, stored.signed, bound, bits=stored.bits, seed=seed)
     dtype = stored.dtype
     if stochastic and dtype == jnp.bfloat16 and value.dtype == jnp.float32:
         return stochastic_round(value, dtype, seed=_round_key(step, leaf, salt))
