@@ -716,6 +716,39 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def leaf_bounds(configs: list[str], quick: bool) -> dict[str, dict[str, Any]]:
+    """Per matrix-family configuration, the least FLOPs/ideal any owner assignment of whole
+    leaves can reach: the dot FLOPs of the update of the tree's costliest leaf alone, on one
+    device (costliest branch), over an eighth of the sum over all leaves. Each distinct shape is
+    compiled once (one device, this process)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import rlx_optax
+
+    shapes = tree_shapes(quick)
+    out = {}
+    for config in configs:
+        if not config.startswith(MATRIX_FAMILIES) or config.endswith("/owner-state"):
+            continue  # owner placement does the same work as its base configuration
+        tx = eval(CONFIGS[config][0], {"rlx_optax": rlx_optax, "optax": optax, "LR": LR})
+        per_shape = {}
+        with jax.default_matmul_precision("highest"):
+            for shape in sorted(set(shapes.values())):
+                p = {"w": jnp.zeros(shape, jnp.float32)}
+                text = jax.jit(tx.update).lower(p, tx.init(p), p).compile().as_text()
+                per_shape[shape] = hlo_figures(text)["dot_flops"]
+        costs = {k: per_shape[s] for k, s in shapes.items()}
+        largest = max(costs, key=costs.get)
+        out[config] = {
+            "leaf bound": costs[largest] / (sum(costs.values()) / N_DEVICES),
+            "costliest leaf": largest,
+            "leaf dot flops": {"x".join(map(str, s)): f for s, f in per_shape.items()},
+        }
+    return out
+
+
 def render(payload: dict[str, Any]) -> str:
     """The Markdown section: targets, how it was counted, the table, the failures."""
     t = TARGETS
@@ -753,6 +786,18 @@ def render(payload: dict[str, Any]) -> str:
         if r["outcome"] != "ok"
     ]
     body = head + "\n" + table(payload["results"])
+    bounds = payload.get("leaf_bounds") or {}
+    if bounds:
+        body += (
+            "\n\nWhole-leaf bound (`--leaf-bound`): owner compute gives each leaf (each matrix of "
+            "a stack) one owner, so no device can do less than the costliest leaf's work. Dot "
+            "FLOPs of that leaf's update alone on one device (costliest branch) / (the sum over "
+            "all leaves / 8):\n\n| config | costliest leaf | leaf bound |\n|---|---|---:|\n"
+        )
+        body += "\n".join(
+            f"| {c} | {b['costliest leaf']} | {_f(b['leaf bound'])} |"
+            for c, b in sorted(bounds.items(), key=lambda cb: list(CONFIGS).index(cb[0]))
+        )
     if failures:
         body += "\n\nNot completed:\n\n" + "\n".join(failures)
     return body
@@ -775,6 +820,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the rows of the existing results that this run does not measure again",
     )
+    ap.add_argument(
+        "--leaf-bound",
+        action="store_true",
+        help="also the whole-leaf FLOPs bound of each matrix-family configuration (one device)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -796,7 +846,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.update and previous.is_file():
         kept = json.loads(previous.read_text())["results"]
     rows: list[dict[str, Any]] = []
-    text = ""
+    bounds = leaf_bounds(args.config, args.quick) if args.leaf_bound else None
+    text = write(results_dir, args.quick, kept, rows, bounds) if bounds else ""
     for mesh in args.mesh:
         for config in args.config:
             for mode in modes_for(config, mesh):
@@ -822,10 +873,15 @@ def _key(row: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def write(
-    results_dir: pathlib.Path, quick: bool, kept: list[dict[str, Any]], rows: list[dict[str, Any]]
+    results_dir: pathlib.Path,
+    quick: bool,
+    kept: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    bounds: dict[str, Any] | None = None,
 ) -> str:
     """Write the Markdown and JSON of the rows measured so far (and of `kept` rows that were
-    not measured again); return the Markdown."""
+    not measured again) and of the whole-leaf bounds (`bounds` over those of the previous
+    JSON in `results_dir`); return the Markdown."""
     import jax
 
     from benchmarks import harness
@@ -854,6 +910,11 @@ def write(
         "targets": TARGETS,
         "results": rows,
     }
+    previous = results_dir / "distributed.json"
+    known = json.loads(previous.read_text()).get("leaf_bounds", {}) if previous.is_file() else {}
+    known.update(bounds or {})
+    if known:
+        payload["leaf_bounds"] = known
     text = render(payload)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "distributed.md").write_text("# Sharded training\n\n" + text + "\n")

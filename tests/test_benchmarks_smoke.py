@@ -163,7 +163,7 @@ def test_distributed_quick_muon_and_adamw(tmp_path):
     step has no collective and matches one device, and RESULTS.md gets its section."""
     env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(tmp_path)}
     cmd = [sys.executable, "-m", "benchmarks.distributed", "--quick", "--mesh", "fsdp8"]
-    cmd += ["--config", "muon", "adamw", "--timeout", "120"]
+    cmd += ["--config", "muon", "adamw", "--timeout", "120", "--leaf-bound"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "distributed.json").read_text())
@@ -177,6 +177,12 @@ def test_distributed_quick_muon_and_adamw(tmp_path):
         assert adamw["colls/step"] == 0 and adamw["coll bytes/shard"] == 0
         assert adamw["state/ideal"] <= 1.2
     assert (tmp_path / "distributed.md").read_text().startswith("# Sharded training")
+    # the whole-leaf bound (one-device compiles of each leaf alone): no owner assignment of
+    # whole leaves does better, so the sharded program's busiest device is at or above it
+    bound = data["leaf_bounds"]["muon"]
+    assert set(data["leaf_bounds"]) == {"muon"} and 0 < bound["leaf bound"] <= 8
+    owner = next(r for r in rows if r["config"] == "muon" and r["mode"] == "owner")
+    assert owner["dot flops/ideal"] >= bound["leaf bound"] * (1 - 1e-6), (owner, bound)
 
     sys.path.insert(0, str(ROOT))
     from benchmarks import run
