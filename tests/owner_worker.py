@@ -326,6 +326,60 @@ def layouts_probe() -> dict[str, str]:
             out[name] = "no error"
         except ValueError as exc:
             out[name] = str(exc)
+    out["nnx"] = nnx_told()
+    return out
+
+
+def nnx_told(steps: int = 3) -> dict:
+    """A Flax NNX model with ``("fsdp", "tp")`` kernels trained by Muon under `nnx.Optimizer`
+    in one `nnx.jit` on an Auto 4 x 2 mesh, untold and told the layouts by
+    `flax.nnx.get_partition_spec` (``nnx.Param`` wrappers around each spec): the losses, and
+    each kernel's layout after the steps."""
+    from flax import nnx
+
+    mesh = make_mesh("4x2")
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", "tp"))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(32, 64, kernel_init=init, rngs=rngs)
+            self.down = nnx.Linear(64, 16, kernel_init=init, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.relu(self.up(x)))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32)), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(1).standard_normal((16, 16)), jnp.float32)
+    out: dict = {}
+    with jax.set_mesh(mesh):
+        for told in (False, True):
+
+            @nnx.jit
+            def create():
+                model = Model(nnx.Rngs(0))
+                state = nnx.state(model)
+                specs = nnx.get_partition_spec(state)
+                nnx.update(model, jax.lax.with_sharding_constraint(state, specs))
+                return model
+
+            model = create()
+            opt = nnx.Optimizer(model, rlx_optax.muon(1e-2), wrt=nnx.Param)
+
+            @nnx.jit
+            def step(model, opt):
+                loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+                opt.update(model, grads)
+                return loss
+
+            layouts = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+            ctx = rlx_optax.owner_compute(layouts=layouts) if told else contextlib.nullcontext()
+            with ctx:
+                losses = [float(step(model, opt)) for _ in range(steps)]
+            kept = all(
+                k.value.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tp")), 2)
+                for k in (model.up.kernel, model.down.kernel)
+            )
+            out["told" if told else "untold"] = {"losses": losses, "kernels_kept": kept}
     return out
 
 

@@ -117,6 +117,17 @@ def test_told_layouts_refuse_bad_trees(report):
     assert "owner_compute(layouts=...)" in probe["axis"] and "'data'" in probe["axis"], probe
 
 
+def test_told_layouts_in_a_flax_nnx_loop(report):
+    """`nnx.Optimizer` with Muon in one `nnx.jit` on an Auto 4 x 2 mesh, told the layouts by
+    `nnx.get_partition_spec` (each spec inside its ``nnx.Param``): the losses of the untold
+    run, and the ``("fsdp", "tp")`` kernels keep their layout."""
+    nnx = report["layouts_probe"]["nnx"]
+    told, untold = nnx["told"], nnx["untold"]
+    np.testing.assert_allclose(told["losses"], untold["losses"], rtol=1e-6)
+    assert told["losses"][-1] < told["losses"][0]
+    assert told["kernels_kept"]
+
+
 @pytest.fixture(scope="module")
 def quantized_report(tmp_path_factory) -> dict:
     # width 64: the matrices have >= 4096 elements, so their moments are quantized

@@ -140,7 +140,7 @@ def grouped_map(
     mesh = _owner.mesh_of([x for flat, _ in calls for x in flat if _is_array(x)])
     hints = None
     if mesh is not None:  # the parameters' layouts of `owner_compute(layouts=...)`, per call
-        given = _owner.layout_hints(tree, treedef, len(leaves))
+        given = _owner.layout_hints(treedef)
         if given is not None:
             hints = [
                 None if given[i] is None else (tuple(np.shape(leaves[i])), given[i])

@@ -95,8 +95,9 @@ def owner_compute(enabled: bool = True, *, layouts: Any = None) -> Iterator[None
       enabled: compute on owner devices (True, the default) or leave the matrix work to the
         compiler's partitioning (False).
       layouts: the parameters' layouts, for meshes with Auto axes: a pytree of the
-        parameters' structure whose leaves are `jax.sharding.PartitionSpec`,
-        `jax.sharding.NamedSharding` or None (unknown). A traced step on an Auto mesh cannot
+        parameters' structure with a `jax.sharding.PartitionSpec`,
+        `jax.sharding.NamedSharding` or None (unknown) at each parameter, or a wrapper of one
+        (the ``nnx.Param`` of ``flax.nnx.get_partition_spec``). A traced step on an Auto mesh cannot
         see its arrays' layouts, so the exchange otherwise takes every matrix in a canonical
         layout (its first axis that the device count divides, split over all mesh axes) and
         the compiler reshards any other layout to it and back: for ``P("fsdp", "tp")``
@@ -125,29 +126,37 @@ def _is_layout_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (P, NamedSharding))
 
 
-def layout_hints(tree: Any, treedef: Any, n_leaves: int) -> list[Any] | None:
-    """Per leaf of `tree` (flattened with `treedef`, empty places as leaves; `n_leaves` of
-    them), the `PartitionSpec` of the innermost `owner_compute(layouts=...)`, or None where
-    none is given; None outside such a block.
+def layout_hints(treedef: Any) -> list[Any] | None:
+    """Per leaf of a tree of structure `treedef` (flattened with its empty places as leaves),
+    the `PartitionSpec` of the innermost `owner_compute(layouts=...)`, or None where none is
+    given; None outside such a block.
 
-    Raises ValueError (naming `layouts`) when the layouts' tree structure is not the one of
-    `tree`."""
+    The layouts tree has the parameters' structure down to their leaves; at each leaf a
+    `PartitionSpec`, a `NamedSharding`, None, or a container of exactly one of them (as the
+    ``nnx.Param`` wrappers of `flax.nnx.get_partition_spec`). Raises ValueError (naming
+    `layouts`) otherwise."""
     given = next((lay for _, lay in reversed(_ENABLED) if lay is not None), None)
     if given is None:
         return None
-    leaves, structure = jax.tree.flatten(given, is_leaf=_is_layout_leaf)
-    if structure.num_leaves != n_leaves or structure != _as_leaves(treedef, n_leaves):
-        raise ValueError(
+
+    def refuse(detail: str) -> ValueError:
+        return ValueError(
             "owner_compute(layouts=...): the layouts must be a pytree of the parameters' "
-            f"structure with PartitionSpec, NamedSharding or None leaves; got {structure} "
-            f"for parameters of structure {treedef}"
+            "structure with a PartitionSpec, NamedSharding or None at each parameter; "
+            f"{detail} (parameters: {treedef})"
         )
-    return [x.spec if isinstance(x, NamedSharding) else x for x in leaves]
 
-
-def _as_leaves(treedef: Any, n: int) -> Any:
-    """`treedef` with a plain leaf at each of its `n` leaves (as a layouts tree has them)."""
-    return jax.tree.structure(treedef.unflatten([0] * n))
+    try:
+        parts = treedef.flatten_up_to(given)
+    except (ValueError, TypeError) as exc:
+        raise refuse(f"the structure differs: {exc}") from None
+    hints = []
+    for part in parts:
+        inner = jax.tree.leaves(part, is_leaf=_is_layout_leaf)
+        if len(inner) != 1 or not _is_layout_leaf(inner[0]):
+            raise refuse(f"got {part!r} at a parameter")
+        hints.append(inner[0].spec if isinstance(inner[0], NamedSharding) else inner[0])
+    return hints
 
 
 def _typed_sharding(x: Any) -> Any:
