@@ -180,7 +180,7 @@ def scale_by_adafactor(
       momentum: :math:`\beta_1` of an EMA of the clipped update (None: no first moment, the
         crate's behaviour), in [0, 1).
       mu_dtype: storage of the momentum: None (float32, the compute dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:
@@ -499,7 +499,7 @@ def adafactor(
         ``"mean"``, clipping ``"paper"``, momentum of the update, parameter scale always).
       mask: pytree (or callable) of booleans selecting the leaves decayed.
       mu_dtype: storage of the momentum (with `momentum`): None (float32), a floating dtype
-        or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+       , ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
     Returns:

@@ -46,7 +46,7 @@ def scale_by_adam(
       eps: added to the denominator outside the square root.
       eps_root: added inside the square root (optax's knob; the crate has none).
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.
@@ -98,7 +98,7 @@ def adam(
       weight_decay: L2 coefficient :math:`\lambda` folded into the gradient.
       eps_root: denominator term inside the square root.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.
@@ -167,7 +167,7 @@ def adamw(
       weight_decay: decoupled decay coefficient.
       eps_root: denominator term inside the square root.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.

@@ -158,7 +158,7 @@ def scale_by_lamb(
       trust_ratio_mask: pytree (or callable) of booleans: leaves that get the trust ratio.
       weight_decay_mask: pytree (or callable) of booleans: leaves that get weight decay.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically.
 
@@ -297,7 +297,7 @@ def lamb(
       mask: pytree (or callable) of booleans selecting the leaves decayed.
       trust_ratio_mask: pytree (or callable) of booleans selecting the leaves adapted.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically.
 

@@ -40,7 +40,7 @@ def scale_by_lion(
       b1: interpolation weight of the update direction, in [0, 1).
       b2: decay of the stored moment, in [0, 1).
       mu_dtype: storage of the moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       stochastic_rounding: round the float32 moment into bfloat16 storage stochastically.
 
     Returns:

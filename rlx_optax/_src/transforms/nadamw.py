@@ -48,7 +48,7 @@ def scale_by_nadamw(
       eps: denominator term outside the square root.
       variant: ``"crate"`` or ``"algoperf"``.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.
@@ -109,7 +109,7 @@ def nadamw(
       weight_decay: decoupled decay coefficient.
       variant: ``"crate"`` or ``"algoperf"``.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.

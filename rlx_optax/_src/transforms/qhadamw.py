@@ -50,7 +50,7 @@ def scale_by_qhadamw(
       nu2: weight of the second moment in the denominator, in [0, 1].
       eps: denominator term outside the square root.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.
@@ -118,7 +118,7 @@ def qhadamw(
       eps: denominator term outside the square root.
       weight_decay: decoupled decay coefficient.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.

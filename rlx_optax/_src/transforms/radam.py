@@ -182,7 +182,7 @@ def scale_by_radam(
       threshold: the rectification starts once :math:`\rho_t` exceeds it.
       degenerate_to_sgd: during warm-up, step along :math:`\hat m` (True) or not at all.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.
@@ -276,7 +276,7 @@ def radam(
         :math:`\theta \leftarrow \theta - \eta\lambda\theta` on the steps that move).
       behaviour: ``"crate"`` or ``"reference"``: sets the four switches above at once.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
       nu_dtype: storage of the second moment (the same choices).
       stochastic_rounding: round the float32 moments into bfloat16 storage stochastically
         (unbiased; randomness from the step and the leaf) instead of to nearest.

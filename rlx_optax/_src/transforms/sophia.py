@@ -173,7 +173,7 @@ def scale_by_sophia(
         strictly inside the clip bound (the paper suggests 0.1-0.5 as healthy). Off, it is NaN
         and costs nothing.
       mu_dtype: storage of the momentum: None (the parameter dtype), a floating dtype
-        (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise; docs/guides/state_precision.md).
+        (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (block-wise; docs/guides/state_precision.md).
         The Hessian EMA `h` follows the parameter dtype (it may be negative).
       stochastic_rounding: round the float32 momentum into bfloat16 storage stochastically.
 
