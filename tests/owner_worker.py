@@ -92,16 +92,15 @@ def gradients(params: dict, step: int) -> dict:
 
 def make_mesh(name: str) -> jax.sharding.Mesh:
     """'8', '4x2', '2' (the first devices): Auto axes; '8e', '4x2e': Explicit axes; '4x2m':
-    `fsdp` Explicit and `tp` Auto; '4x2l': Auto axes, the step traced with the parameters'
-    layouts given to owner compute (`rlx_optax.owner_compute(layouts=...)`)."""
-    kind = name[-1] if name[-1] in "eml" else ""
-    dims = tuple(int(d) for d in name.removesuffix(kind).split("x"))
+    `fsdp` Explicit and `tp` Auto; a trailing 'l' ('4x2l', '4x2ml'): the step traced with the
+    parameters' layouts given to owner compute (`rlx_optax.owner_compute(layouts=...)`)."""
+    kind = name.lstrip("0123456789x").removesuffix("l") or ""  # "l": told, any axis types
+    dims = tuple(int(d) for d in name.rstrip("eml").split("x"))
     axes = ("fsdp", "tp")[: len(dims)]
     types = {
         "": (AxisType.Auto,) * len(dims),
         "e": (AxisType.Explicit,) * len(dims),
         "m": (AxisType.Explicit, AxisType.Auto)[: len(dims)],
-        "l": (AxisType.Auto,) * len(dims),
     }[kind]
     return jax.make_mesh(dims, axes, axis_types=types, devices=jax.devices()[: int(np.prod(dims))])
 

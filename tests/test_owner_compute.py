@@ -222,10 +222,16 @@ def test_explicit_mesh_all_families():
 @pytest.mark.slow
 def test_mixed_explicit_and_auto_mesh():
     """4 x 2 with `fsdp` Explicit and `tp` Auto: the types show the `fsdp` part of each layout,
-    which the exchange takes; the `tp` part is the compiler's."""
-    result = _run("4x2m", FAMILIES)
+    which the exchange takes; the `tp` part is the compiler's, unless the step is told the
+    layouts (`4x2ml`): then the exchange takes ``P("fsdp", "tp")`` whole, and Muon and
+    Stiefel need fewer collectives (a pinned step needs none besides the two all-to-alls)."""
+    result = _run("4x2m,4x2ml", FAMILIES)
     for family in FAMILIES:
         _check(result, family, "4x2m", state_split=family not in REPLICATED_STATE)
+        _check(result, family, "4x2ml", state_split=family not in REPLICATED_STATE)
+    for family in ("muon", "stiefel"):
+        told, untold = result[f"{family}@4x2ml"], result[f"{family}@4x2m"]
+        assert told["collectives"] < untold["collectives"], (family, told, untold)
 
 
 @pytest.mark.slow

@@ -103,8 +103,10 @@ def owner_compute(enabled: bool = True, *, layouts: Any = None) -> Iterator[None
         the compiler reshards any other layout to it and back: for ``P("fsdp", "tp")``
         weights that is an all-gather over ``tp`` before the exchange. With `layouts`, each
         matrix of its parameter's shape is exchanged in its parameter's layout. A layout
-        that does not divide its matrix's shape (a family that reshapes it) is not used;
-        on meshes with Explicit axes the arrays' types give the layouts and this is not used.
+        that does not divide its matrix's shape (a family that reshapes it) is not used.
+        On a mesh of Explicit axes only, the arrays' types give the layouts and this is not
+        used; on a mesh of Explicit and Auto axes, a layout whose Explicit part is the one
+        the array's type shows is used whole (the type shows only that part).
 
     Example:
       >>> import rlx_optax
@@ -194,6 +196,17 @@ def mesh_of(arrays: Sequence[Any]) -> Any:
 
 def _is_explicit(mesh: Any) -> bool:
     return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def _all_explicit(mesh: Any) -> bool:
+    types = tuple(getattr(mesh, "axis_types", ()))
+    return bool(types) and all(t == AxisType.Explicit for t in types)
+
+
+def _explicit_part(entries: tuple[tuple[str, ...], ...], mesh: Any) -> tuple:
+    """Normalised spec `entries` restricted to the mesh's Explicit axes (what a type shows)."""
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    return tuple(tuple(a for a in e if types.get(a) == AxisType.Explicit) for e in entries)
 
 
 def canonical_spec(shape: Sequence[int], mesh: Any) -> P:
@@ -328,10 +341,16 @@ def _in_spec(x: Any, mesh: Any, hint: Any = None) -> P:
     others get the canonical one."""
     if np.ndim(x) == 0 or _is_key(x):
         return P()
-    if hint is not None and not _is_explicit(mesh) and tuple(x.shape) == hint[0]:
+    if hint is not None and tuple(x.shape) == hint[0] and not _all_explicit(mesh):
         spec = _dividing(hint[1], hint[0], mesh)
-        if spec is not None:
+        if spec is not None and not _is_explicit(mesh):
             return spec
+        # a mixed mesh: the hint where its Explicit part is the one the type shows
+        own = _typed_sharding(x)
+        if spec is not None and own is not None:
+            shown = _normalise(own.spec, np.ndim(x))
+            if shown == _explicit_part(_normalise(spec, np.ndim(x)), mesh):
+                return spec
     if _is_explicit(mesh):
         own = _typed_sharding(x)
         if own is not None and tuple(own.mesh.axis_names) == tuple(mesh.axis_names):
@@ -842,7 +861,8 @@ def _enter(x: jax.Array, spec: P, mesh: Any) -> jax.Array:
     if np.ndim(x) == 0 or _is_key(x):
         return x
     own = _typed_sharding(x)
-    if own is not None and _normalise(own.spec, np.ndim(x)) == _normalise(spec, np.ndim(x)):
+    wanted = _explicit_part(_normalise(spec, np.ndim(x)), mesh)  # what a type can show
+    if own is not None and _normalise(own.spec, np.ndim(x)) == wanted:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
