@@ -29,10 +29,10 @@ part() {  # part NAME SECONDS COMMAND...: run one part, keep going whatever it r
 }
 
 "$PY" -c "import jax; print('backend', jax.default_backend(), jax.devices())" | tee "$OUT/summary.txt"
-# numerics: crate parity, the shared kernels, the precision policy, 8-bit state
+# numerics: crate parity, the shared kernels, the precision policy, 8- and 4-bit state
 part tests 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_golden.py tests/test_kernels.py tests/test_linalg_eigen.py \
-  tests/test_linalg_orth.py tests/test_precision.py tests/test_lowbit.py
+  tests/test_linalg_orth.py tests/test_precision.py tests/test_lowbit.py tests/test_lowbit4.py
 # timings: the model benchmark (every family, its accelerator-sized tree), the step time of
 # low-precision state, and state bytes per parameter
 part model 240 "$PY" -m benchmarks.model --rounds 2 $small
