@@ -149,61 +149,31 @@ def checkpoint_resume(tx, params, mesh) -> dict:
 
 
 def nnx_loop(mesh_name: str, steps: int = 3) -> dict:
-    """A Flax NNX model with FSDP kernels trained by `nnx.Optimizer` under one `nnx.jit`, with
-    the reference SOAP's state kept per parameter and on its owners: the losses, and where the
-    buffers lie."""
+    """A Flax NNX model with FSDP kernels trained by `nnx.Optimizer` under one `nnx.jit`
+    (`owner_worker.nnx_train`), with the reference SOAP's state kept per parameter and on its
+    owners: the losses, and where the buffers lie."""
     from flax import nnx
 
     mesh = ow.make_mesh(mesh_name)
-    fsdp = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", None))
-
-    class Model(nnx.Module):
-        def __init__(self, rngs):
-            self.up = nnx.Linear(32, 64, kernel_init=fsdp, rngs=rngs)
-            self.down = nnx.Linear(64, 8, kernel_init=fsdp, rngs=rngs)
-
-        def __call__(self, x):
-            return self.down(jax.nn.relu(self.up(x)))
-
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32)), jnp.float32)
-    y = jnp.asarray(np.random.default_rng(1).standard_normal((16, 8)), jnp.float32)
     out: dict = {}
-    with jax.set_mesh(mesh):
-        for placement in ("parameter", "owner"):
+    for placement in ("parameter", "owner"):
 
-            @nnx.jit
-            def create():
-                model = Model(nnx.Rngs(0))
-                state = nnx.state(model)
-                nnx.update(
-                    model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state))
-                )
-                return model
-
-            model = create()
-            tx = rlx_optax.soap(
+        def make(placement=placement):
+            return rlx_optax.soap(
                 1e-2, behaviour="reference", precond_freq=1, state_placement=placement
             )
-            opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-            @nnx.jit
-            def step(model, opt):
-                loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-                opt.update(model, grads)
-                return loss
-
-            out[placement] = [float(step(model, opt)) for _ in range(steps + 1)]
-            if placement == "owner":
-                found = [
-                    v
-                    for v in jax.tree.leaves(nnx.state(opt))
-                    if getattr(v, "ndim", 0) == 2 and v.shape[0] == mesh.size
-                ]
-                out["buffers"] = len(found)
-                out["rows_on_owners"] = all(
-                    v.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2)
-                    for v in found
-                )
+        out[placement], _, opt = ow.nnx_train(mesh, make, ("fsdp", None), steps + 1)
+        if placement == "owner":
+            found = [
+                v
+                for v in jax.tree.leaves(nnx.state(opt))
+                if getattr(v, "ndim", 0) == 2 and v.shape[0] == mesh.size
+            ]
+            out["buffers"] = len(found)
+            out["rows_on_owners"] = all(
+                v.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2) for v in found
+            )
     return out
 
 

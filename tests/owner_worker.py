@@ -329,15 +329,15 @@ def layouts_probe() -> dict[str, str]:
     return out
 
 
-def nnx_told(steps: int = 3) -> dict:
-    """A Flax NNX model with ``("fsdp", "tp")`` kernels trained by Muon under `nnx.Optimizer`
-    in one `nnx.jit` on an Auto 4 x 2 mesh, untold and told the layouts by
-    `flax.nnx.get_partition_spec` (``nnx.Param`` wrappers around each spec): the losses, and
-    each kernel's layout after the steps."""
+def nnx_train(mesh, make_tx, kernel_axes, steps: int = 3, told: bool = False):
+    """A two-layer Flax NNX model (kernels partitioned as `kernel_axes`) created sharded in one
+    `nnx.jit` on `mesh` (set with `jax.set_mesh`) and trained `steps` steps by `make_tx()` under
+    `nnx.Optimizer` in one `nnx.jit` (with `told`, traced with the layouts of
+    `nnx.get_partition_spec`: ``nnx.Param`` wrappers around each spec): (losses, model,
+    optimizer)."""
     from flax import nnx
 
-    mesh = make_mesh("4x2")
-    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", "tp"))
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), kernel_axes)
 
     class Model(nnx.Module):
         def __init__(self, rngs):
@@ -349,36 +349,47 @@ def nnx_told(steps: int = 3) -> dict:
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32)), jnp.float32)
     y = jnp.asarray(np.random.default_rng(1).standard_normal((16, 16)), jnp.float32)
-    out: dict = {}
     with jax.set_mesh(mesh):
-        for told in (False, True):
 
-            @nnx.jit
-            def create():
-                model = Model(nnx.Rngs(0))
-                state = nnx.state(model)
-                specs = nnx.get_partition_spec(state)
-                nnx.update(model, jax.lax.with_sharding_constraint(state, specs))
-                return model
-
-            model = create()
-            opt = nnx.Optimizer(model, rlx_optax.muon(1e-2), wrt=nnx.Param)
-
-            @nnx.jit
-            def step(model, opt):
-                loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-                opt.update(model, grads)
-                return loss
-
-            layouts = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-            ctx = rlx_optax.owner_compute(layouts=layouts) if told else contextlib.nullcontext()
-            with ctx:
-                losses = [float(step(model, opt)) for _ in range(steps)]
-            kept = all(
-                k.value.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tp")), 2)
-                for k in (model.up.kernel, model.down.kernel)
+        @nnx.jit
+        def create():
+            model = Model(nnx.Rngs(0))
+            state = nnx.state(model)
+            nnx.update(
+                model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state))
             )
-            out["told" if told else "untold"] = {"losses": losses, "kernels_kept": kept}
+            return model
+
+        model = create()
+        opt = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt):
+            loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+            opt.update(model, grads)
+            return loss
+
+        layouts = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+        ctx = rlx_optax.owner_compute(layouts=layouts) if told else contextlib.nullcontext()
+        with ctx:
+            losses = [float(step(model, opt)) for _ in range(steps)]
+    return losses, model, opt
+
+
+def nnx_told(steps: int = 3) -> dict:
+    """Muon in `nnx_train` with ``("fsdp", "tp")`` kernels on an Auto 4 x 2 mesh, untold and
+    told the layouts: the losses, and whether each kernel kept its layout."""
+    mesh = make_mesh("4x2")
+    out: dict = {}
+    for told in (False, True):
+        losses, model, _ = nnx_train(
+            mesh, lambda: rlx_optax.muon(1e-2), ("fsdp", "tp"), steps, told
+        )
+        kept = all(
+            k.value.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tp")), 2)
+            for k in (model.up.kernel, model.down.kernel)
+        )
+        out["told" if told else "untold"] = {"losses": losses, "kernels_kept": kept}
     return out
 
 

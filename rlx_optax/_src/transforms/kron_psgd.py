@@ -509,7 +509,8 @@ def kron_psgd(
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed
         (crate: all; reference: rank >= 2).
       mu_dtype: storage of the momentum buffer: None (the parameter dtype), a floating dtype
-        such as ``jnp.bfloat16``, or ``"q8"`` (8-bit block-wise, `rlx_optax.QuantizedArray`);
+        such as ``jnp.bfloat16``, ``"q8"`` or ``"q4"`` (8- or 4-bit block-wise,
+        `rlx_optax.QuantizedArray`);
         the factors stay float32.
       momentum_before: debiased EMA momentum before preconditioning (reference).
       probe: ``"gradient"`` (crate) or ``"random"`` (reference, needs `key`).

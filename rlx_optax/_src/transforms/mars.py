@@ -177,7 +177,7 @@ def scale_by_mars(
       ns_steps: Newton-Schulz iterations of the Shampoo variant.
       ns_coeffs: Newton-Schulz coefficients of the Shampoo variant (see `newton_schulz`).
       mu_dtype: storage of the first moment (every path): None (the parameter dtype), a
-        floating dtype such as ``jnp.bfloat16``, or ``"q8"`` (8-bit block-wise,
+        floating dtype such as ``jnp.bfloat16``, ``"q8"`` or ``"q4"`` (8- or 4-bit block-wise,
         `rlx_optax.QuantizedArray`; leaves under 4096 elements stay float32). The moments
         are updated in the compute dtype (float32 or wider) whatever their storage, and the
         step's direction is taken from them before they are stored.
@@ -427,7 +427,7 @@ def mars(
       ns_steps: Newton-Schulz iterations of the Shampoo variant.
       ns_coeffs: Newton-Schulz coefficients of the Shampoo variant.
       mu_dtype: storage of the first moment: None (the parameter dtype), a floating dtype,
-        or ``"q8"`` (see `scale_by_mars`).
+        ``"q8"`` or ``"q4"`` (see `scale_by_mars`).
       behaviour: ``"crate"`` or ``"reference"`` (``non_matrix="adamw"``).
       mask: pytree (or callable returning one) of booleans selecting the leaves decayed.
       precision: precision of the Shampoo variant's Newton-Schulz products (default

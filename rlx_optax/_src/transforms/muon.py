@@ -126,7 +126,8 @@ def scale_by_muon(
         `matrix_axes` (``rlx_optax.MuonLabels()``).
       eps: floor of the Frobenius norm in Newton-Schulz (crate 1e-12, reference 1e-7).
       mu_dtype: storage of the momentum: None (the parameter dtype), a floating dtype such
-        as ``jnp.bfloat16``, or ``"q8"`` (8-bit block-wise, `rlx_optax.QuantizedArray`);
+        as ``jnp.bfloat16``, ``"q8"`` or ``"q4"`` (8- or 4-bit block-wise,
+        `rlx_optax.QuantizedArray`; 4-bit fails the convergence bound on the char LM);
         the momentum is updated in float32 whatever its storage.
       ns_dtype: dtype of the Newton-Schulz iteration (default float32, or the parameter
         dtype if wider; ``jnp.bfloat16`` follows the reference's cast, rounding each fused
@@ -343,7 +344,7 @@ def muon(
       adam_weight_decay: AdamW's decoupled decay.
       eps: floor of the Frobenius norm in Newton-Schulz.
       mu_dtype: storage of the momentum (and of AdamW's first moment on AdamW leaves): None
-        (the parameter dtype), a floating dtype, or ``"q8"`` (see `scale_by_muon`).
+        (the parameter dtype), a floating dtype, ``"q8"`` or ``"q4"`` (see `scale_by_muon`).
       ns_dtype: dtype of the Newton-Schulz iteration (default float32).
       precision: precision of the Newton-Schulz products (a `jax.lax.Precision`, its name or a
         `jax.lax.DotAlgorithmPreset`). Default: ``HIGHEST`` for a float32 iteration (the

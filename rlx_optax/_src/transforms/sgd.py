@@ -38,7 +38,7 @@ def scale_by_sgd(
       momentum: :math:`\mu` in [0, 1).
       nesterov: use the Nesterov look-ahead form.
       accumulator_dtype: storage of the momentum buffer: None (the parameter dtype), a
-        floating dtype (``jnp.bfloat16``) or ``"q8"`` (8-bit block-wise;
+        floating dtype (``jnp.bfloat16``), ``"q8"`` or ``"q4"`` (8- or 4-bit block-wise;
         docs/guides/state_precision.md).
       stochastic_rounding: round the float32 buffer into bfloat16 storage stochastically.
 
@@ -109,7 +109,7 @@ def sgd(
       nesterov: Nesterov momentum.
       weight_decay: L2 coefficient folded into the gradient.
       accumulator_dtype: storage of the momentum buffer: None (the parameter dtype), a
-        floating dtype or ``"q8"`` (docs/guides/state_precision.md).
+        floating dtype, ``"q8"`` or ``"q4"`` (docs/guides/state_precision.md).
       stochastic_rounding: round the float32 buffer into bfloat16 storage stochastically.
       mask: pytree (or callable) of booleans selecting the leaves decayed.
 

@@ -237,7 +237,8 @@ def scale_by_soap(
       eps: added to the denominator outside the square root.
       precond_freq: recompute the bases every `precond_freq` calls (and at the first).
       mu_dtype: storage of the first moment (default: the parameter dtype): a floating dtype,
-        or ``"q8"`` (8-bit block-wise codes, `rlx_optax.QuantizedArray`). The rotated moments
+        ``"q8"`` or ``"q4"`` (8- or 4-bit block-wise codes, `rlx_optax.QuantizedArray`; 4-bit
+        fails the convergence bound on the char LM). The rotated moments
         are updated in float32 inside the batched (or owner) computation and stored per leaf
         afterwards.
       skip_first_step: the reference's order (``True``): the first call only accumulates the
@@ -271,7 +272,7 @@ def scale_by_soap(
         ``refresh="qr"`` alone implies ``reproject_moments=True`` (and warns when it is set
         False).
       nu_dtype: storage of the second moment (default: the parameter dtype): a floating
-        dtype or ``"q8"`` (the unsigned 8-bit code).
+        dtype, ``"q8"`` or ``"q4"`` (the unsigned 8- or 4-bit code).
       stochastic_rounding: round the float32 moments into bfloat16 `mu_dtype` / `nu_dtype`
         stochastically (unbiased; the bits derive from the step and the leaf). Without it a
         bfloat16 second moment rounds to nearest and stalls (docs/guides/state_precision.md).
@@ -669,7 +670,7 @@ def soap(
         \eta u)(1-\eta\lambda)` (reference), instead of :math:`\theta - \eta(u +
         \lambda\theta)` (crate).
       behaviour: ``"crate"`` or ``"reference"`` (see above and `scale_by_soap`).
-      nu_dtype: storage of the second moment (a floating dtype or ``"q8"``; see
+      nu_dtype: storage of the second moment (a floating dtype, ``"q8"`` or ``"q4"``; see
         `scale_by_soap`).
       stochastic_rounding: round float32 moments into bfloat16 storage stochastically.
       precond_dtype: storage of the statistics and eigenbases (see `scale_by_soap`).
