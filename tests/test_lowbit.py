@@ -8,6 +8,8 @@ rounding), the sampling distribution of a mean (unbiasedness), and uninterrupted
 
 from __future__ import annotations
 
+import functools
+
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -252,13 +254,15 @@ def test_blocks_never_cross_a_power_of_two_shard_boundary(last, size, shards):
     x = jax.random.normal(jax.random.key(last), (3, last)) * jnp.exp(
         4 * jax.random.normal(jax.random.key(1), (3, last))
     )
-    whole = rlx_optax.quantize_blockwise(x, signed=True)
+    # jitted: one compile per shard width instead of every shard's operations dispatched
+    quantize = jax.jit(functools.partial(rlx_optax.quantize_blockwise, signed=True))
+    whole = quantize(x)
     for n in shards:
         width = last // n
         assert np.all(cols[:, :1] // width == cols // width), n  # one shard per block
         per_shard = (last // size) // n
         for k in range(n):
-            part = rlx_optax.quantize_blockwise(x[:, k * width : (k + 1) * width], signed=True)
+            part = quantize(x[:, k * width : (k + 1) * width])
             np.testing.assert_array_equal(part.codes, whole.codes[:, k * width : (k + 1) * width])
             np.testing.assert_array_equal(
                 part.scale, whole.scale[:, k * per_shard : (k + 1) * per_shard]
