@@ -144,12 +144,14 @@ def test_stochastic_encoder_picks_a_bracketing_code_without_bias(signed):
     hi = sorted_t[np.clip(np.searchsorted(sorted_t, y, side="left"), 0, len(t) - 1)]
     lo = sorted_t[np.clip(np.searchsorted(sorted_t, y, side="right") - 1, 0, len(t) - 1)]
     assert np.all((got == lo) | (got == hi))
-    body = got.reshape(-1)[np.arange(got.size) % 128 != 0]  # without the forced 1.0 entries
-    value = y.reshape(-1)[np.arange(y.size) % 128 != 0]
-    for v in np.unique(value):
-        sample = body[value == v]
-        lower = lo.reshape(-1)[np.arange(y.size) % 128 != 0][value == v][0]
-        upper = hi.reshape(-1)[np.arange(y.size) % 128 != 0][value == v][0]
+    keep = np.arange(got.size) % 128 != 0  # without the forced 1.0 entries
+    body, value = got.reshape(-1)[keep], y.reshape(-1)[keep]
+    lows, highs = lo.reshape(-1)[keep], hi.reshape(-1)[keep]
+    order = np.argsort(value, kind="stable")  # the entries of each value, grouped
+    uniques, starts, counts = np.unique(value[order], return_index=True, return_counts=True)
+    for v, start, count in zip(uniques, starts, counts, strict=True):
+        members = order[start : start + count]
+        sample, lower, upper = body[members], lows[members[0]], highs[members[0]]
         if abs(v) < (1 / 32 if signed else t[0]):
             assert np.all(sample == nearest_numpy(np.array([v]), signed)[0]), v
             continue
