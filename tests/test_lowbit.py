@@ -191,11 +191,13 @@ def test_a_given_scale_gives_the_nearest_code_of_the_clipped_quotient(signed):
     np.testing.assert_array_equal(np.abs(y - table[index]), best)
 
 
-def test_first_moment_scale_is_the_update_bound():
-    """AdamW with 8-bit moments, one step from a quantized state: the first moment's scale is
-    ``b1 * (largest stored |m|) + (1 - b1) * (largest |g|)`` per block (float64), which bounds
-    the new moment; the second moment's scale is the largest new second moment."""
-    tx = rlx_optax.scale_by_adam(b1=0.9, b2=0.999, mu_dtype="q8", nu_dtype="q8")
+# the leaf (64, 300) in blocks: two of 150 with 8-bit codes, four of 75 with 4-bit ones
+@pytest.mark.parametrize(("storage", "blocks"), [("q8", 2), ("q4", 4)])
+def test_first_moment_scale_is_the_update_bound(storage, blocks):
+    """AdamW with 8- or 4-bit moments, one step from a quantized state: the first moment's
+    scale is ``b1 * (largest stored |m|) + (1 - b1) * (largest |g|)`` per block (float64),
+    which bounds the new moment; the second moment's scale is the largest new second moment."""
+    tx = rlx_optax.scale_by_adam(b1=0.9, b2=0.999, mu_dtype=storage, nu_dtype=storage)
     b1, b2 = float(np.float32(0.9)), float(np.float32(0.999))  # the betas as float32 holds them
     p = params_tree()
     s = tx.init(p)
@@ -207,8 +209,8 @@ def test_first_moment_scale_is_the_update_bound():
     v_old = np.asarray(rlx_optax.dequantize_blockwise(s.nu["w"]), np.float64)
     _, new = step(grads_tree(3), s)
 
-    def block_max(a):  # (64, 300): two blocks of 150
-        return np.abs(a).reshape(64, 2, 150).max(axis=-1)
+    def block_max(a):
+        return np.abs(a).reshape(64, blocks, 300 // blocks).max(axis=-1)
 
     want = b1 * block_max(m_old) + (1 - b1) * block_max(g)
     np.testing.assert_allclose(np.asarray(new.mu["w"].scale), want, rtol=1e-6)
@@ -402,9 +404,10 @@ def test_complex_leaves_are_kept_unquantized():
     "opts",
     [
         {"mu_dtype": "q8", "nu_dtype": "q8"},
+        {"mu_dtype": "q4", "nu_dtype": "q4"},
         {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True},
     ],
-    ids=["q8", "bf16-sr"],
+    ids=["q8", "q4", "bf16-sr"],
 )
 def test_orbax_and_flax_resume_is_bit_exact(opts, tmp_path):
     tx = rlx_optax.adamw(1e-3, **opts)
@@ -431,6 +434,9 @@ def test_orbax_and_flax_resume_is_bit_exact(opts, tmp_path):
     ckpt.close()
     blob = flax.serialization.to_bytes({"p": half[0], "s": half[1]})
     from_flax = jax.tree.map(jnp.asarray, flax.serialization.from_bytes(target, blob))
+    if opts["nu_dtype"] == "q4":  # the unsigned 4-bit code is int4, marked by its class
+        assert isinstance(restored["s"][0].nu["w"], rlx_optax.QuantizedArrayUnsigned4)
+        assert isinstance(from_flax["s"][0].nu["w"], rlx_optax.QuantizedArrayUnsigned4)
     for resumed in (restored, from_flax):
         got = run(resumed["p"], resumed["s"], range(3, 6))
         assert jax.tree.structure(got) == jax.tree.structure(want)
