@@ -23,7 +23,12 @@ import pytest
 import rlx_optax
 from rlx_optax._src.transforms import _lowbit
 from tests.problems import assert_resume_bit_exact
-from tests.test_lowbit import grads_tree, params_tree, update_extra
+from tests.test_lowbit import (
+    assert_two_micro_steps_are_one_step,
+    grads_tree,
+    params_tree,
+    update_extra,
+)
 
 SIGNED = [-1, -0.625, -0.375, -0.25, -0.125, -0.0625, -0.03125, 0]
 SIGNED += [-v for v in SIGNED[-2::-1]]
@@ -354,20 +359,7 @@ def test_jit_inject_hyperparams_and_multisteps():
 
     # MultiSteps: two micro-steps of one gradient are one step of it (up to the rare entry
     # within an ulp of a code boundary, as for 8-bit)
-    multi = optax.MultiSteps(plain, every_k_schedule=2)
-    sm, sp = multi.init(p0), plain.init(p0)
-    step, plain_step = jax.jit(multi.update), jax.jit(plain.update)
-    for i in range(2):
-        g = grads_tree(i)
-        u0, sm = step(g, sm, p0)
-        assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(u0))
-        um, sm = step(g, sm, p0)
-        up, sp = plain_step(g, sp, p0)
-        assert jax.tree.structure(sm.inner_opt_state) == jax.tree.structure(sp)
-        for a, b in zip(jax.tree.leaves(um), jax.tree.leaves(up), strict=True):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            close = np.abs(a - b) <= 1e-5 * np.abs(b) + 1e-12
-            assert np.mean(~close) < 1e-3
+    assert_two_micro_steps_are_one_step(plain, p0)
 
 
 @pytest.mark.parametrize(
