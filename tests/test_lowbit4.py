@@ -23,12 +23,7 @@ import pytest
 import rlx_optax
 from rlx_optax._src.transforms import _lowbit
 from tests.problems import assert_resume_bit_exact
-from tests.test_lowbit import (
-    assert_two_micro_steps_are_one_step,
-    grads_tree,
-    params_tree,
-    update_extra,
-)
+from tests.test_lowbit import displacement_and_departure, params_tree
 
 SIGNED = [-1, -0.625, -0.375, -0.25, -0.125, -0.0625, -0.03125, 0]
 SIGNED += [-v for v in SIGNED[-2::-1]]
@@ -319,47 +314,8 @@ def test_quantized_state_follows_the_float32_run(name):
     by less than 45% of its size (`Q4_FOLLOW_BOUND`)."""
     kw = dict(Q4_FACTORIES[name])
     base = {k: v for k, v in kw.items() if k == "momentum"}
-    p0 = params_tree()
-    out = []
-    for opts in (base, kw):
-        tx = make(name, opts)
-        step = jax.jit(lambda p, s, g, tx=tx: tx.update(g, s, p, **update_extra(name, g)))
-        p, s = p0, tx.init(p0)
-        for i in range(20):
-            u, s = step(p, s, grads_tree(i))
-            p = optax.apply_updates(p, u)
-        out.append(p)
-    moved = optax.tree.norm(jax.tree.map(jnp.subtract, out[0], p0))
-    diff = optax.tree.norm(jax.tree.map(jnp.subtract, out[1], out[0]))
-    assert float(moved) > 0 and float(diff) < Q4_FOLLOW_BOUND * float(moved), float(diff / moved)
-
-
-def test_jit_inject_hyperparams_and_multisteps():
-    p0 = params_tree()
-    plain = rlx_optax.adamw(1e-3, mu_dtype="q4", nu_dtype="q4")
-    injected = optax.inject_hyperparams(rlx_optax.adamw)(
-        learning_rate=1e-3, mu_dtype="q4", nu_dtype="q4"
-    )
-    s1, s2 = plain.init(p0), injected.init(p0)
-    for i in range(3):
-        u1, s1 = jax.jit(plain.update)(grads_tree(i), s1, p0)
-        u2, s2 = jax.jit(injected.update)(grads_tree(i), s2, p0)
-        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
-            # a traced learning rate multiplies last: float32 rounding apart
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-12)
-    assert s2.inner_state[0].mu["w"].codes.dtype == jnp.int4
-    # the state: a traced b1 rounds `1 - b1` apart from the constant, so the first moment's
-    # scales may differ by an ulp and a rare code with them
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2.inner_state), strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype == jnp.int4:
-            assert np.mean(a != b) < 1e-3
-        else:
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
-
-    # MultiSteps: two micro-steps of one gradient are one step of it (up to the rare entry
-    # within an ulp of a code boundary, as for 8-bit)
-    assert_two_micro_steps_are_one_step(plain, p0)
+    moved, diff = displacement_and_departure(name, make(name, base), make(name, kw))
+    assert moved > 0 and diff < Q4_FOLLOW_BOUND * moved, diff / moved
 
 
 @pytest.mark.parametrize(

@@ -335,31 +335,26 @@ def _is_key(x: Any) -> bool:
 
 def _in_spec(x: Any, mesh: Any, hint: Any = None) -> P:
     """The layout `x` enters and leaves the exchange in: on an Explicit mesh its own (its type
-    says it) when that divides its shape, else the canonical one. On an Auto mesh, `hint`
-    ``(shape, spec)`` (the leaf's shape and its parameter's spec from
-    `owner_compute(layouts=...)`) gives an array of that shape the spec when it divides it;
-    others get the canonical one."""
+    says it) when that divides its shape, else the canonical one. `hint` ``(shape, spec)``
+    (the leaf's shape and its parameter's spec from `owner_compute(layouts=...)`) gives an
+    array of that shape the spec when it divides it: on an Auto mesh always, on a mixed mesh
+    when its Explicit part is the one the type shows, on an Explicit mesh never."""
     if np.ndim(x) == 0 or _is_key(x):
         return P()
     if hint is not None and tuple(x.shape) == hint[0] and not _all_explicit(mesh):
         spec = _dividing(hint[1], hint[0], mesh)
-        if spec is not None and not _is_explicit(mesh):
-            return spec
-        # a mixed mesh: the hint where its Explicit part is the one the type shows
-        own = _typed_sharding(x)
-        if spec is not None and own is not None:
-            shown = _normalise(own.spec, np.ndim(x))
+        if spec is not None:
+            if not _is_explicit(mesh):
+                return spec
+            own = _typed_sharding(x)  # a mixed mesh: the type shows the Explicit part
+            shown = None if own is None else _normalise(own.spec, np.ndim(x))
             if shown == _explicit_part(_normalise(spec, np.ndim(x)), mesh):
                 return spec
     if _is_explicit(mesh):
         own = _typed_sharding(x)
         if own is not None and tuple(own.mesh.axis_names) == tuple(mesh.axis_names):
-            spec = P(*(_entry(e) for e in _normalise(own.spec, np.ndim(x))))
-            try:
-                _Layout(tuple(x.shape), spec, mesh)
-            except ValueError:
-                pass
-            else:
+            spec = _dividing(own.spec, tuple(x.shape), mesh)
+            if spec is not None:
                 return spec
     return canonical_spec(x.shape, mesh)
 
