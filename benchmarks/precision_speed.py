@@ -10,13 +10,13 @@ the same round; the table gives the median ratio over the rounds. Also times
 `quantize_blockwise` and `dequantize_blockwise` alone, per element, for both code widths.
 
 What bounds the 8-bit step on a CPU: XLA runs a block maximum as a reduction over a
-materialised array, never fused with the elementwise pass that produces it, and it does not
-merge the parameter update and the encoding into one pass (no multi-output fusion). So a
-first moment is decoded twice (once for the update, once to encode the new moment, whose
-block scale comes from two small reductions over the gradient and the stored codes), and a
-second moment, whose scale is its exact block maximum, is also materialised in float32 for
-its reduction. The float32 step is one pass over memory; the 8-bit one is three to five,
-each with integer work per element.
+materialised array, never fused with the elementwise pass that consumes it, and it merges no
+two outputs into one loop. So an 8-bit step makes several passes over each leaf where the
+float32 step makes one per output: block maxima of the gradient and of the stored codes, the
+parameter update, one encoding per moment, each decoding again. `xla_floor_adamw` times that
+pass structure at its cheapest (linear codes, both block scales bounds, no bias correction),
+and then with each of the two things the library adds (its codes; the second moment's exact
+block maximum, one more reduction over the new moment) switched on: the second table.
 
 Run: ``python benchmarks/precision_speed.py [--rounds N] [--only adamw lion ...] [--size
 cpu|gpu]``; writes ``benchmarks/out/precision_speed.json``.
@@ -28,7 +28,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ except ImportError:  # run as a script
     from benchmarks import harness, model
 
 import rlx_optax
+from rlx_optax._src.transforms import _lowbit
 
 LR = 1e-3
 _BF16 = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "stochastic_rounding": True}
@@ -62,6 +63,110 @@ FAMILIES: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
         },
     ),
     "muon": ({}, {"bf16": _BF16_MU, "q8": _Q8_MU, "q4": _Q4_MU}),
+}
+
+
+class _FloorState(NamedTuple):
+    count: jax.Array
+    moments: Any  # per leaf: (m codes, m scale, v codes, v scale), or (m, v) in float32
+
+
+def xla_floor_adamw(
+    lr: float,
+    *,
+    library_codes: bool = False,
+    exact_second_max: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """A lower bound, not an optimizer: the AdamW step with 8-bit moments at its cheapest in
+    XLA, to measure what a CPU 8-bit step can reach at all.
+
+    It keeps the passes any such step needs, given that XLA fuses no reduction with the pass
+    that consumes it and no two outputs into one loop: a block maximum of the gradient, the
+    largest stored code of each moment, the parameter update, one encoding per moment. It
+    makes everything else as cheap as it can be: both block scales are bounds known before
+    the new moments are (no pass over a new moment ahead of its encoding), and there is no
+    bias correction. Leaves the library keeps in float32 (under 4096 elements) stay float32.
+
+    - `library_codes` False: both moments in linear 8-bit codes, a multiply and a round.
+      Linear codes are known to diverge for second moments; that does not matter for a
+      timing. True: the library's codes (`_lowbit._encode` / `_decode`).
+    - `exact_second_max` True: the second moment scaled by its exact block maximum, as the
+      library does, instead of a bound (one more reduction, over the new moment).
+    """
+    block_size = _lowbit.block_size
+
+    def split(x):
+        b = block_size(x.shape[-1])
+        return x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+
+    def quantized(p):
+        return p.size >= _lowbit.MIN_QUANTIZED_SIZE and p.shape[-1] % block_size(p.shape[-1]) == 0
+
+    def decode(codes, signed):
+        if library_codes:
+            return _lowbit._decode(codes, signed)
+        return codes.astype(jnp.float32) / (127 if signed else 255)
+
+    def encode(y, signed):
+        if library_codes:
+            return _lowbit._encode(y, signed)
+        return jnp.round(y * (127 if signed else 255)).astype(jnp.int8 if signed else jnp.uint8)
+
+    def init(params):
+        def leaf(p):
+            if not quantized(p):
+                return (jnp.zeros_like(p), jnp.zeros_like(p))  # two buffers (donated)
+            scales = split(p).shape[:-1]
+            return (
+                jnp.zeros(p.shape, jnp.int8),
+                jnp.zeros(scales, jnp.float32),
+                jnp.zeros(p.shape, jnp.uint8),
+                jnp.zeros(scales, jnp.float32),
+            )
+
+        return _FloorState(jnp.zeros([], jnp.int32), jax.tree.map(leaf, params))
+
+    def update(grads, state, params):
+        def leaf(g, st, p):
+            if len(st) == 2:
+                m, v = b1 * st[0] + (1 - b1) * g, b2 * st[1] + (1 - b2) * g * g
+                return -lr * (m / (jnp.sqrt(v) + eps) + 1e-4 * p), (m, v)
+            mc, ms, vc, vs = split(st[0]), st[1], split(st[2]), st[3]
+            gb = split(g)
+            gmax = jnp.max(jnp.abs(gb), axis=-1)
+            top_m = jnp.maximum(jnp.max(mc, axis=-1), -jnp.min(mc, axis=-1))
+            m = b1 * decode(mc, True) * ms[..., None] + (1 - b1) * gb
+            v = b2 * decode(vc, False) * vs[..., None] + (1 - b2) * gb * gb
+            ms2 = b1 * ms * decode(top_m, True) + (1 - b1) * gmax
+            if exact_second_max:
+                vs2 = jnp.max(v, axis=-1)
+            else:
+                vs2 = b2 * vs * decode(jnp.max(vc, axis=-1), False) + (1 - b2) * gmax**2
+            u = (-lr * (m / (jnp.sqrt(v) + eps))).reshape(g.shape) - lr * 1e-4 * p
+            mc2 = encode(m * (1 / jnp.where(ms2 > 0, ms2, 1))[..., None], True)
+            vc2 = encode(v * (1 / jnp.where(vs2 > 0, vs2, 1))[..., None], False)
+            return u, (mc2.reshape(g.shape), ms2, vc2.reshape(g.shape), vs2)
+
+        g_leaves, treedef = jax.tree.flatten(grads)
+        moments = treedef.flatten_up_to(state.moments)
+        leaves = zip(g_leaves, moments, treedef.flatten_up_to(params), strict=True)
+        pairs = [leaf(*a) for a in leaves]
+        updates = treedef.unflatten([u for u, _ in pairs])
+        moments = treedef.unflatten([m for _, m in pairs])
+        return updates, _FloorState(state.count + 1, moments)
+
+    return optax.GradientTransformation(init, update)
+
+
+#: The floor configurations timed beside AdamW: label -> `xla_floor_adamw` switches.
+FLOORS = {
+    "floor8": {},
+    "floor8_exact_max": {"exact_second_max": True},
+    "floor8_library_codes": {"library_codes": True},
+    "floor8_library_codes_exact_max": {"library_codes": True, "exact_second_max": True},
 }
 
 
@@ -119,7 +224,13 @@ def time_codec(n: int, rounds: int) -> dict[str, float]:
     return out
 
 
-def run(names: list[str] | None, rounds: int, iters: int, size: str = "cpu") -> dict[str, Any]:
+def run(
+    names: list[str] | None,
+    rounds: int,
+    iters: int,
+    size: str = "cpu",
+    codec_elements: int = 1 << 22,
+) -> dict[str, Any]:
     d, layers = model.SIZES[size]
     params = model.random_tree(model.model_shapes(d, layers), 0, 0.02)
     grads = model.random_tree(model.model_shapes(d, layers), 1, 1e-2)
@@ -130,12 +241,14 @@ def run(names: list[str] | None, rounds: int, iters: int, size: str = "cpu") -> 
         factory = getattr(rlx_optax, name)
         configs = {"float32": factory(LR, **base)}
         configs |= {label: factory(LR, **base, **extra) for label, extra in options.items()}
+        if name == "adamw":
+            configs |= {label: xla_floor_adamw(LR, **kw) for label, kw in FLOORS.items()}
         times = time_configs(configs, params, grads, rounds, iters)
         entry: dict[str, Any] = {
             "name": name,
             "float32_ms": statistics.median(times["float32"]) * 1e3,
         }
-        for label in options:
+        for label in configs.keys() - {"float32"}:
             ratios = [t / f for t, f in zip(times[label], times["float32"], strict=True)]
             entry[f"{label}_over_float32"] = statistics.median(ratios)
         results.append(entry)
@@ -146,9 +259,18 @@ def run(names: list[str] | None, rounds: int, iters: int, size: str = "cpu") -> 
         "n_params": sum(x.size for x in jax.tree.leaves(params)),
         "rounds": rounds,
         "iters": iters,
-        "codec": time_codec(1 << 22, rounds),
+        "codec": time_codec(codec_elements, rounds),
         "results": results,
     }
+
+
+_FLOOR_ROWS = {
+    "floor8": "linear codes, both scales bounds (the floor)",
+    "floor8_exact_max": "linear codes, exact second-moment maximum",
+    "floor8_library_codes": "the library's codes, both scales bounds",
+    "floor8_library_codes_exact_max": "the library's codes, exact second-moment maximum",
+    "q8": 'the library\'s AdamW, `mu_dtype="q8", nu_dtype="q8"`',
+}
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -162,6 +284,11 @@ def table(payload: dict[str, Any]) -> str:
             for k in ("bf16_over_float32", "q8_over_float32", "q4_over_float32")
         ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    adamw = next((r for r in payload["results"] if r["name"] == "adamw"), None)
+    if adamw is not None and "floor8_over_float32" in adamw:
+        lines += ["", "| AdamW step with 8-bit moments | / float32 |", "|---|---:|"]
+        for key, label in _FLOOR_ROWS.items():
+            lines.append(f"| {label} | {adamw[f'{key}_over_float32']:.2f} |")
     return "\n".join(lines)
 
 
