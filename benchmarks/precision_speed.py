@@ -275,6 +275,12 @@ _FLOOR_ROWS = {
 
 def table(payload: dict[str, Any]) -> str:
     lines = [
+        f"Device {payload['device']}; {payload['n_params'] / 1e6:.2f}M parameters "
+        f"(`--size {payload['size']}`); each configuration's step time over the float32 "
+        f"step, median of {payload['rounds']} paired rounds. The second table: the 8-bit "
+        "AdamW step's pass structure at its cheapest in XLA (`xla_floor_adamw`), then with "
+        "the library's codes and its exact second-moment maximum.",
+        "",
         "| algorithm | bf16+SR / float32 | q8 / float32 | q4 / float32 |",
         "|---|---:|---:|---:|",
     ]

@@ -37,6 +37,7 @@ from benchmarks import (  # noqa: E402
     memory,
     model,
     precision_convergence,
+    precision_speed,
 )
 
 # Module -> (arguments for a full run, arguments for a smoke run or None to skip it there,
@@ -69,6 +70,11 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
         [],
         ["--small", "--problems", "digits", "--families", "adamw"],
         "State precision: convergence with bfloat16 and 8-bit state",
+    ),
+    "precision_speed": (
+        [],
+        ["--size", "small", "--rounds", "2", "--only", "adamw"],
+        "State precision: step time against float32",
     ),
 }
 SOURCE = {"kron_soap_large": "kron_soap"}
@@ -268,6 +274,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = distributed.render(payload)
         elif name == "precision_convergence":
             body = precision_convergence.table(payload)
+        elif name == "precision_speed":
+            body = precision_speed.table(payload)
         else:
             body = render_generic(payload)
         source = SOURCE.get(name, name)

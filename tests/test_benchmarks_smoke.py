@@ -19,8 +19,9 @@ pytest.importorskip("flax")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `run.py --small` over the element-wise, memory, convergence and state-precision
-    convergence modules (`--algorithms` reaches the first three)."""
+    """One `run.py --small` over the element-wise, memory, convergence, state-precision
+    convergence and state-precision step-time modules (`--algorithms` reaches the first
+    three)."""
 
     def run():
         out = tmp_path_factory.mktemp("bench")
@@ -28,6 +29,7 @@ def smoke(tmp_path_factory):
         env = {**__import__("os").environ, "RLX_OPTAX_BENCH_OUT": str(out / "json")}
         cmd = [sys.executable, "benchmarks/run.py", "--small", "--results", str(results)]
         cmd += ["--modules", "elementwise", "memory", "convergence", "precision_convergence"]
+        cmd += ["precision_speed"]
         cmd += ["--algorithms", "adamw", "lion"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -259,11 +261,14 @@ def test_precision_speed_floor_is_the_rule_it_times(switches):
         np.testing.assert_allclose(vs, blocks(want[0][2]).max(-1), rtol=1e-6)
 
 
-def test_precision_speed_runs_every_configuration():
+def test_precision_speed_json_and_section(smoke):
     from benchmarks import precision_speed
 
-    payload = precision_speed.run(["adamw"], rounds=1, iters=1, size="small", codec_elements=4096)
+    payload = json.loads((smoke[0] / "precision_speed.json").read_text())
     (row,) = payload["results"]
+    assert row["name"] == "adamw"
     for label in ("bf16", "q8", "q4", *precision_speed.FLOORS):
         assert row[f"{label}_over_float32"] > 0, label
-    assert "(the floor)" in precision_speed.table(payload)
+    text = smoke[1].read_text()
+    assert "## State precision: step time against float32" in text
+    assert precision_speed.table(payload) in text

@@ -38,7 +38,7 @@ argument (`mu_dtype`, `nu_dtype`, `accumulator_dtype`):
   compares), the unsigned one rounds the float's bits like the 8-bit code with no mantissa
   bit left; decoding is a chain of seven selects (signed) or a shift of the exponent
   (unsigned), no table lookup. On a CPU, XLA writes int4 arrays slowly (about 4.6 ns per
-  element, 20x an int8 array): a step with 4-bit moments measured 24x the float32 step.
+  element, 20x an int8 array): a step with 4-bit moments measured 17x the float32 step.
   Why these codes:
 
   * signed: on blocks of 128 Gaussian, Student-t (3 degrees of freedom) and log-uniformly
