@@ -73,7 +73,7 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
     ),
     "precision_speed": (
         [],
-        ["--size", "small", "--rounds", "2", "--only", "adamw"],
+        ["--size", "small", "--rounds", "1", "--iters", "1", "--only", "adamw"],
         "State precision: step time against float32",
     ),
 }
