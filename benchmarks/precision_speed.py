@@ -88,7 +88,7 @@ def xla_floor_adamw(
     largest stored code of each moment, the parameter update, one encoding per moment. It
     makes everything else as cheap as it can be: both block scales are bounds known before
     the new moments are (no pass over a new moment ahead of its encoding), and there is no
-    bias correction. Leaves the library keeps in float32 (under 4096 elements) stay float32.
+    bias correction. Leaves the library keeps in float32 (`_lowbit.quantizes`) stay float32.
 
     - `library_codes` False: both moments in linear 8-bit codes, a multiply and a round.
       Linear codes are known to diverge for second moments; that does not matter for a
@@ -96,14 +96,6 @@ def xla_floor_adamw(
     - `exact_second_max` True: the second moment scaled by its exact block maximum, as the
       library does, instead of a bound (one more reduction, over the new moment).
     """
-    block_size = _lowbit.block_size
-
-    def split(x):
-        b = block_size(x.shape[-1])
-        return x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
-
-    def quantized(p):
-        return p.size >= _lowbit.MIN_QUANTIZED_SIZE and p.shape[-1] % block_size(p.shape[-1]) == 0
 
     def decode(codes, signed):
         if library_codes:
@@ -117,9 +109,9 @@ def xla_floor_adamw(
 
     def init(params):
         def leaf(p):
-            if not quantized(p):
+            if not _lowbit.quantizes(p):
                 return (jnp.zeros_like(p), jnp.zeros_like(p))  # two buffers (donated)
-            scales = split(p).shape[:-1]
+            scales = _lowbit._blocks(p)[0].shape[:-1]
             return (
                 jnp.zeros(p.shape, jnp.int8),
                 jnp.zeros(scales, jnp.float32),
@@ -134,8 +126,8 @@ def xla_floor_adamw(
             if len(st) == 2:
                 m, v = b1 * st[0] + (1 - b1) * g, b2 * st[1] + (1 - b2) * g * g
                 return -lr * (m / (jnp.sqrt(v) + eps) + 1e-4 * p), (m, v)
-            mc, ms, vc, vs = split(st[0]), st[1], split(st[2]), st[3]
-            gb = split(g)
+            m_codes, ms, v_codes, vs = st
+            (mc, last), (vc, _), (gb, _) = (_lowbit._blocks(x) for x in (m_codes, v_codes, g))
             gmax = jnp.max(jnp.abs(gb), axis=-1)
             top_m = jnp.maximum(jnp.max(mc, axis=-1), -jnp.min(mc, axis=-1))
             m = b1 * decode(mc, True) * ms[..., None] + (1 - b1) * gb
@@ -145,10 +137,10 @@ def xla_floor_adamw(
                 vs2 = jnp.max(v, axis=-1)
             else:
                 vs2 = b2 * vs * decode(jnp.max(vc, axis=-1), False) + (1 - b2) * gmax**2
-            u = (-lr * (m / (jnp.sqrt(v) + eps))).reshape(g.shape) - lr * 1e-4 * p
+            u = _lowbit._unblocks(-lr * (m / (jnp.sqrt(v) + eps)), last) - lr * 1e-4 * p
             mc2 = encode(m * (1 / jnp.where(ms2 > 0, ms2, 1))[..., None], True)
             vc2 = encode(v * (1 / jnp.where(vs2 > 0, vs2, 1))[..., None], False)
-            return u, (mc2.reshape(g.shape), ms2, vc2.reshape(g.shape), vs2)
+            return u, (_lowbit._unblocks(mc2, last), ms2, _lowbit._unblocks(vc2, last), vs2)
 
         g_leaves, treedef = jax.tree.flatten(grads)
         moments = treedef.flatten_up_to(state.moments)

@@ -459,9 +459,9 @@ def stored_absmax(q: QuantizedArray) -> jax.Array:
     if q.bits == 4:  # reduced as int8 (the 4-bit type has no arithmetic of its own)
         codes = codes.astype(jnp.int8)
     codes, _ = _blocks(codes, _cap(q.bits))
-    # a signed block's largest magnitude as max(max c, -min c): the reduction of |c| was
-    # compiled as a widening pass over memory on the CPU (0.19 ms against 0.03 for a
-    # 1024 x 1024 moment); the codes never hold the one value -c cannot (-128)
+    # a signed block's largest magnitude as max(max c, -min c): XLA's CPU backend reduces
+    # |c| of int8 codes 6x slower than their plain maximum and minimum (0.19 ms against
+    # 0.03 for a 1024 x 1024 moment); the codes never hold the one value -c cannot (-128)
     top = jnp.max(codes, axis=-1)
     if q.signed:
         top = jnp.maximum(top, -jnp.min(codes, axis=-1))
