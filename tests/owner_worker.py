@@ -414,6 +414,9 @@ def main() -> None:
     parser.add_argument(
         "--told", default="", help="the families run on the 'l' meshes (default: all)"
     )
+    parser.add_argument(
+        "--first-mesh-only", default="", help="families run on the first of --meshes only"
+    )
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     params = gpt_tree(args.width, args.layers, args.vocab)
@@ -439,9 +442,11 @@ def main() -> None:
             "updates": relative(jax.tree.leaves(single_u), jax.tree.leaves(nudged_u)),
             "state": relative(floats(single_s), floats(nudged_s)),
         }
-        for mesh_name in args.meshes.split(","):
+        for i, mesh_name in enumerate(args.meshes.split(",")):
             key = f"{name}@{mesh_name}"
             if mesh_name.endswith("l") and args.told and name not in args.told.split(","):
+                continue
+            if i > 0 and name in args.first_mesh_only.split(","):
                 continue
             try:
                 mesh = make_mesh(mesh_name)
