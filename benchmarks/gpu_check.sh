@@ -4,6 +4,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # on the accelerator machine
 #   SMALL=1 bash benchmarks/gpu_check.sh              # smoke-size run (try it on a CPU first)
+#   PARTS="memory model" bash benchmarks/gpu_check.sh  # only these parts (a second call)
 #
 # The golden tests need the crate's trajectories in shared/golden/rlx_optim inside the checkout
 # (or RLX_OPTAX_GOLDEN_DIR); they skip, saying so, without them. Copy benchmarks/out/gpu/*.json
@@ -22,6 +23,7 @@ if [ -n "${SMALL:-}" ]; then size=small; fi
 part() {  # part NAME SECONDS COMMAND...: run one part, keep going whatever it returns
   local name=$1 limit=$2
   shift 2
+  if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "$name rc=$?" | tee -a "$OUT/summary.txt"
@@ -33,10 +35,10 @@ part() {  # part NAME SECONDS COMMAND...: run one part, keep going whatever it r
 part tests 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_golden.py tests/test_kernels.py tests/test_linalg_eigen.py \
   tests/test_linalg_orth.py tests/test_precision.py tests/test_lowbit.py tests/test_lowbit4.py
-# timings: the model benchmark (every family, its accelerator-sized tree), the step time of
-# low-precision state, and state bytes per parameter
-part model 240 "$PY" -m benchmarks.model --rounds 2 $small
-# AdamW only: its four storages and the four XLA floors of its 8-bit step (8 compilations)
+# state bytes per parameter and the peak of a donated step, every family and storage (64
+# compilations); the step time of low-precision state (AdamW: its four storages and the four
+# XLA floors of its 8-bit step); then the model benchmark (every family, accelerator-sized)
+part memory 150 "$PY" -m benchmarks.memory --precision $small
 part precision_speed 150 "$PY" -m benchmarks.precision_speed --rounds 7 --size "$size" --only adamw
-part memory 60 "$PY" -m benchmarks.memory --precision $small
+part model 240 "$PY" -m benchmarks.model --rounds 2 $small
 ls "$OUT"

@@ -167,7 +167,10 @@ def compiled_state_bytes(tx, params: Any) -> int:
     return jax.jit(tx.init).lower(params).compile().memory_analysis().output_size_in_bytes
 
 
-def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
+def run_precision(d: int = 256, layers: int = 4, peaks: bool = False) -> dict[str, Any]:
+    """State bytes per parameter of every family and storage (`PRECISIONS`); with `peaks`,
+    also the peak memory of its donated jitted step over the parameter bytes (``<label>_peak``,
+    XLA's compiled memory analysis: one compilation per family and storage)."""
     try:
         from benchmarks import model
     except ImportError:  # run as a script
@@ -180,23 +183,31 @@ def run_precision(d: int = 256, layers: int = 4) -> dict[str, Any]:
     configs = [
         (
             row.name,
-            row.factory,
+            row,
             elementwise.OPTAX_PEERS.get(row.name, ({}, None))[0],
             PRECISIONS[row.name],
         )  # sgd: momentum 0.9, as the optax peer
         for row in registry.ALGORITHMS
     ]
     configs += [
-        (label, registry.get(name).factory, base, options)
+        (label, registry.get(name), base, options)
         for label, (name, base, options) in EXTRA_ROWS.items()
     ]
-    for name, factory, base, options in configs:
+    for name, row, base, options in configs:
         entry: dict[str, Any] = {"name": name}
+        update_extra = {}
+        if peaks and row.update_extra:  # the extra `update` arguments only need their shapes
+            update_extra = jax.eval_shape(row.update_extra, params, params)
         for label, extra in (("float32", {}), *options.items()):
             if extra is None:
                 entry[label] = None
                 continue
-            entry[label] = state_bytes(factory(LR, **base, **extra), params) / n
+            tx = row.factory(LR, **base, **extra)
+            entry[label] = state_bytes(tx, params) / n
+            if peaks:
+                entry[f"{label}_peak"] = measure(tx, params, params, update_extra)[
+                    "peak_over_params"
+                ]
         entry["note"] = PARTIAL.get(name, "")
         results.append(entry)
     adamw = registry.get("adamw").factory(LR, **_TWO_MOMENTS["q4"])
@@ -221,6 +232,21 @@ def precision_table(payload: dict[str, Any]) -> str:
             for k in ("float32", "bf16", "q8", "q4")
         ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['note']} |")
+    if all("float32_peak" in r for r in payload["results"]):
+        lines += [
+            "",
+            "Peak memory of a donated jitted step (params, gradients, state, outputs and "
+            "temporaries, by XLA's compiled memory analysis) over the parameters' bytes:",
+            "",
+            "| algorithm | float32 | bf16 | 8-bit (q8) | 4-bit (q4) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in payload["results"]:
+            cells = [
+                "-" if r.get(k) is None else f"{r[f'{k}_peak']:.2f}"
+                for k in ("float32", "bf16", "q8", "q4")
+            ]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -280,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = ap.parse_args(argv)
     if args.precision:
-        payload = run_precision(*((32, 2) if args.small else (256, 4)))
+        payload = run_precision(*((32, 2) if args.small else (256, 4)), peaks=True)
         path = harness.write_json("memory_precision", payload)
         print(precision_table(payload))
         print(f"(AdamW q4 by XLA's compiled init: {payload['adamw_q4_compiled']:.3f} bytes/param)")

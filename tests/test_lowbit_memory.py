@@ -33,3 +33,30 @@ def test_every_family_is_listed_with_what_it_supports(table):
     assert table["soap"]["q8"] == pytest.approx(table["soap"]["float32"] - 6.0, abs=0.05)
     # Kron: the momentum shrinks to ~1 byte, the factors stay float32
     assert table["kron_psgd"]["q8"] == pytest.approx(table["kron_psgd"]["float32"] - 3, abs=0.05)
+
+
+def test_peak_of_a_donated_step():
+    """`memory.measure` on the same tree, AdamW: in float32 the donated step holds exactly the
+    parameters, the gradients and the two moments (4 parameter sizes, every output written in
+    place, no temporary); with 8-bit moments it holds at least those at their sizes (2.51) and
+    stays below float32, and 4-bit below 8-bit. The bfloat16 peak is not bounded here: on a CPU
+    XLA copies the stored moments (docs/guides/state_precision.md)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import model
+    from rlx_optax._src import registry
+
+    shapes = model.model_shapes(256, 4)
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    n = sum(p.size for p in params.values())
+    adamw = registry.get("adamw").factory
+    peak, state = {}, {}
+    for label, kw in [("float32", {})] + [(q, memory._TWO_MOMENTS[q]) for q in ("q8", "q4")]:
+        tx = adamw(1e-3, **kw)
+        peak[label] = memory.measure(tx, params, params, {})["peak_over_params"]
+        state[label] = memory.state_bytes(tx, params) / n / 4  # in parameter sizes
+    assert peak["float32"] == pytest.approx(4.0, abs=1e-4)
+    for label in ("q8", "q4"):
+        assert peak[label] >= 2 + state[label] - 1e-4, label
+    assert peak["q4"] < peak["q8"] < peak["float32"]
