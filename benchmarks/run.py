@@ -71,13 +71,18 @@ MODULES: dict[str, tuple[list[str], list[str], str]] = {
         ["--small", "--problems", "digits", "--families", "adamw"],
         "State precision: convergence with bfloat16 and 8-bit state",
     ),
+    "memory_precision": (
+        ["--precision"],
+        ["--precision", "--small"],
+        "State precision: state bytes per parameter and the peak of a donated step",
+    ),
     "precision_speed": (
         [],
         ["--size", "small", "--rounds", "1", "--iters", "1", "--only", "adamw"],
         "State precision: step time against float32",
     ),
 }
-SOURCE = {"kron_soap_large": "kron_soap"}
+SOURCE = {"kron_soap_large": "kron_soap", "memory_precision": "memory"}
 OWN_RENDERERS = {"elementwise", "memory", "convergence", "model", "lr_sweep"}
 RATIO_HINTS = ("over", "/", "ratio", "bytes_per", "per_param")
 
@@ -274,6 +279,8 @@ def render(out_dir: pathlib.Path, statuses: list[dict[str, Any]], plots: str) ->
             body = distributed.render(payload)
         elif name == "precision_convergence":
             body = precision_convergence.table(payload)
+        elif name == "memory_precision":
+            body = memory.precision_table(payload)
         elif name == "precision_speed":
             body = precision_speed.table(payload)
         else:

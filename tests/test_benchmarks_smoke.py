@@ -94,6 +94,23 @@ def test_generic_renderer_keeps_ratios_only():
     assert "ours_s" not in text and "pure_ms" not in text
 
 
+def test_memory_precision_section(tmp_path):
+    """`memory.py --precision`'s JSON becomes its own RESULTS.md section (state bytes; the
+    peak table only when the payload has the peaks)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import memory, run
+
+    payload = memory.run_precision(32, 2)
+    (tmp_path / "memory_precision.json").write_text(json.dumps(payload))
+    text = run.render(tmp_path, [], "")
+    assert "## State precision: state bytes per parameter and the peak of a donated step" in text
+    assert memory.precision_table(payload) in text and "Peak memory" not in text
+    adamw = next(r for r in payload["results"] if r["name"] == "adamw")
+    peaks = {"float32_peak": 4.0, "bf16_peak": 4.0, "q8_peak": 3.69, "q4_peak": 3.64}
+    payload["results"] = [{**adamw, **peaks}]
+    assert "| adamw | 4.00 | 4.00 | 3.69 | 3.64 |" in memory.precision_table(payload)
+
+
 def test_model_benchmark_json_and_section(tmp_path):
     """`benchmarks/model.py --small` on two algorithms: a peer ratio, a floor ratio, the
     batched/per-leaf ratio of Muon, kernel counts, and a RESULTS.md section naming the device."""
