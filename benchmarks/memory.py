@@ -314,7 +314,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload = run_precision(*((32, 2) if args.small else (256, 4)), peaks=True)
         path = harness.write_json("memory_precision", payload)
         print(precision_table(payload))
-        print(f"(AdamW q4 by XLA's compiled init: {payload['adamw_q4_compiled']:.3f} bytes/param)")
         print(f"({payload['n_params'] / 1e6:.2f}M params; wrote {path.name})")
         return payload
     payload = run(0.001 if args.small else 1.0, args.only)
