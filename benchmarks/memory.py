@@ -221,6 +221,20 @@ def run_precision(d: int = 256, layers: int = 4, peaks: bool = False) -> dict[st
     }
 
 
+_STORAGES = ("float32", "bf16", "q8", "q4")
+
+
+def _storage_rows(payload: dict[str, Any], cell, missing: str, note: bool) -> list[str]:
+    """One table row per family: `cell(row, storage)` for each storage it offers."""
+    out = []
+    for r in payload["results"]:
+        cells = [missing if r.get(k) is None else cell(r, k) for k in _STORAGES]
+        out.append(
+            f"| {r['name']} | " + " | ".join(cells) + (f" | {r['note']} |" if note else " |")
+        )
+    return out
+
+
 def precision_table(payload: dict[str, Any]) -> str:
     lines = [
         f"State bytes per parameter on the transformer tree of `benchmarks/model.py` (d="
@@ -231,12 +245,7 @@ def precision_table(payload: dict[str, Any]) -> str:
         "| algorithm | float32 | bf16 | 8-bit (q8) | 4-bit (q4) | note |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for r in payload["results"]:
-        cells = [
-            "not supported" if r.get(k) is None else f"{r[k]:.3f}"
-            for k in ("float32", "bf16", "q8", "q4")
-        ]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['note']} |")
+    lines += _storage_rows(payload, lambda r, k: f"{r[k]:.3f}", "not supported", note=True)
     if all("float32_peak" in r for r in payload["results"]):
         lines += [
             "",
@@ -246,12 +255,7 @@ def precision_table(payload: dict[str, Any]) -> str:
             "| algorithm | float32 | bf16 | 8-bit (q8) | 4-bit (q4) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for r in payload["results"]:
-            cells = [
-                "-" if r.get(k) is None else f"{r[f'{k}_peak']:.2f}"
-                for k in ("float32", "bf16", "q8", "q4")
-            ]
-            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines += _storage_rows(payload, lambda r, k: f"{r[f'{k}_peak']:.2f}", "-", note=False)
     return "\n".join(lines)
 
 
