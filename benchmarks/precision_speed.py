@@ -240,7 +240,7 @@ def run(
             "name": name,
             "float32_ms": statistics.median(times["float32"]) * 1e3,
         }
-        for label in configs.keys() - {"float32"}:
+        for label in [c for c in configs if c != "float32"]:
             ratios = [t / f for t, f in zip(times[label], times["float32"], strict=True)]
             entry[f"{label}_over_float32"] = statistics.median(ratios)
         results.append(entry)

@@ -5,12 +5,11 @@ import tempfile
 
 # One XLA compilation cache per test session, shared by the xdist workers and the subprocesses
 # that fake 8 devices (they inherit the environment): several of them compile the same programs
-# (a family's one-device run on the same tree, the same step in two workers). The process that
-# starts the session makes it and removes it at exit; a cache the caller chose is kept.
-if "RLX_OPTAX_TEST_XLA_CACHE" not in os.environ:
+# (a family's one-device run on the same tree, the same step in two processes). The process
+# that starts the session makes it and removes it at exit; a cache the caller chose is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="rlx_optax_xla_cache_")
-    os.environ["RLX_OPTAX_TEST_XLA_CACHE"] = _cache
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
